@@ -1,0 +1,33 @@
+# Two commands: `make quickstart` (set up, then train on the bundled digits) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the builds this project is tested with; pip takes them from its cache or index.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: quickstart test install lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(BIN)/raymix train launch/experiments/digits.yaml
+
+test: install
+	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check raymix tests
+	$(BIN)/ruff format --check raymix tests
+	$(BIN)/mypy raymix
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

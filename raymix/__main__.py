@@ -1,0 +1,5 @@
+import sys
+
+from raymix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""The ``raymix`` command line: parses, validates, dispatches. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel
+
+from raymix.config import Config, ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _options(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, default and description (for --help)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += _options(annotation, f"{prefix}{name}.")
+            continue
+        if name == "method" and not prefix:
+            lines += _options(type(Config().method), "method.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        note = f"  {field.description}" if field.description else ""
+        if get_origin(annotation) is Literal:
+            note = f"  one of: {', '.join(map(str, get_args(annotation)))}.{note}"
+        lines.append(f"  {prefix}{name} = {json.dumps(default, default=str)}{note}")
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raymix",
+        description="Train self-supervised vision encoders and search their hyperparameters.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    keys = "config keys (defaults shown; override any with key=value):\n" + "\n".join(_options(Config))
+
+    train = sub.add_parser(
+        "train",
+        help="train one run in this process",
+        description="Train the encoder described by CONFIG. Running the same run again resumes it "
+        "from its latest checkpoint in training.output_dir (default runs/<run_name>).",
+        epilog=keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", metavar="CONFIG", help="YAML config file (see launch/experiments/)")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a saved checkpoint",
+        description="kNN (default) and/or linear probe of a checkpoint's encoder on its run's dataset.",
+    )
+    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by raymix train")
+    ev.add_argument("--knn", action="store_true", help="kNN top-1 (the default when neither flag is given)")
+    ev.add_argument("--linear", action="store_true", help="linear probe on frozen features")
+    ev.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="overrides of the saved config, e.g. data.root=/data training.device=cpu eval.knn_k=[10]",
+    )  # fmt: skip
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from raymix.engine.run import fit
+
+    cfg = load_config(args.config, args.overrides)
+    result = fit(cfg, progress=not args.no_progress)
+    print(f"final: knn_top1 {result['knn_top1']:.4f} (at initialisation {result['knn_top1_init']:.4f})")
+    print(f"best checkpoint: {result['best_checkpoint']}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from raymix.config import apply_overrides, config_from_dict
+    from raymix.engine.checkpoint import load_checkpoint
+    from raymix.engine.trainer import Trainer
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    state = load_checkpoint(path)
+    cfg = config_from_dict(apply_overrides(state["config"], args.overrides))
+    trainer = Trainer(cfg)
+    trainer.method.load_state_dict(state["method"])
+    metrics: dict[str, Any] = {"epoch": state["epoch"]}
+    if args.knn or not args.linear:
+        metrics.update(trainer.evaluate())
+    if args.linear:
+        metrics.update({k: v for k, v in trainer.evaluate(linear=True).items() if k.startswith("linear")})
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come before or after flags: collect the ones argparse left over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [token for token in extra if token.startswith("-") or "=" not in token]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    try:
+        return {"train": _train, "eval": _eval}[args.command](args)
+    except ConfigError as exc:
+        print(f"raymix: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("raymix: interrupted; the latest checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The one typed configuration of raymix.
+
+A run is described by a single :class:`Config`: YAML files, ``key=value`` overrides
+on the command line and (later) Tune samples all pass through :func:`load_config`,
+which validates once. Every section rejects unknown keys; every error names the
+dotted key and what is allowed. Models are frozen: nothing downstream mutates them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration (or command-line input) that raymix refuses, with a readable reason."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
+BACKBONES = ("vit_micro", "vit_tiny", "vit_small", "vit_base", "resnet18", "resnet50")
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class DataConfig(Section):
+    name: Literal["digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder"] = "digits"
+    root: str | None = Field(None, description="dataset folder (cifar*, stl10, imagefolder)")
+    download: bool = Field(False, description="let torchvision download cifar*/stl10 into root")
+    image_size: int = Field(32, ge=8, le=1024, description="side of the square training images")
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="digits: held-out share")
+    split_seed: int = Field(0, description="digits/synthetic: seed of the fixed split")
+    synthetic_train_size: int = Field(2000, ge=2)
+    synthetic_test_size: int = Field(500, ge=1)
+    synthetic_classes: int = Field(10, ge=2, le=1000)
+    loader_workers: int = Field(0, ge=0, description="decoding processes (imagefolder only)")
+
+
+class AugmentConfig(Section):
+    """Two-view augmentation, applied batched on the training device.
+
+    Per-view pairs are (view 1, view 2), as in MoCo v3 (blur 1.0 / 0.1, solarize 0 / 0.2).
+    """
+
+    crop_scale: tuple[Probability, Probability] = (0.2, 1.0)
+    crop_ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (3 / 4, 4 / 3)
+    flip_prob: Probability = 0.5
+    jitter_prob: Probability = 0.8
+    brightness: float = Field(0.4, ge=0.0)
+    contrast: float = Field(0.4, ge=0.0)
+    saturation: float = Field(0.2, ge=0.0)
+    hue: float = Field(0.1, ge=0.0, le=0.5)
+    grayscale_prob: Probability = 0.2
+    blur_prob: tuple[Probability, Probability] = (1.0, 0.1)
+    blur_sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 2.0)
+    solarize_prob: tuple[Probability, Probability] = (0.0, 0.2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AugmentConfig:
+        for key in ("crop_scale", "crop_ratio", "blur_sigma"):
+            low, high = getattr(self, key)
+            if low > high or (key == "crop_scale" and low == 0.0):
+                raise ValueError(f"augment.{key} must be (low, high) with 0 < low <= high, got {(low, high)}")
+        return self
+
+
+class BackboneConfig(Section):
+    name: Literal["vit_micro", "vit_tiny", "vit_small", "vit_base", "resnet18", "resnet50"] = "vit_micro"
+    patch_size: int = Field(4, ge=1, description="ViT patch side; must divide data.image_size")
+    embed_dim: int | None = Field(None, ge=8, description="ViT width override")
+    depth: int | None = Field(None, ge=1, description="ViT depth override")
+    num_heads: int | None = Field(None, ge=1, description="ViT heads override")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    cifar_stem: bool = Field(True, description="ResNet: 3x3 stride-1 stem and no max-pool")
+
+
+class HeadConfig(Section):
+    """MoCo v3 heads: Linear(no bias) -> BN -> ReLU blocks, last layer BN(affine=False)."""
+
+    hidden_dim: int = Field(1024, ge=8)
+    out_dim: int = Field(256, ge=8)
+    projector_layers: int = Field(3, ge=1)
+    predictor_layers: int = Field(2, ge=1)
+
+
+class ContrastConfig(Section):
+    """The MoCo v3 base shared by the contrastive methods (METHODS.md section 0)."""
+
+    temperature: float = Field(0.2, gt=0.0, le=10.0)
+    momentum: float | None = Field(0.99, ge=0.0, lt=1.0, description="EMA m0; null: no key encoder")
+    momentum_schedule: Literal["cosine", "constant"] = "cosine"
+    queue_size: int = Field(0, ge=0, description="MoCo v2 queue of past keys; 0 disables it")
+
+
+class MocoConfig(ContrastConfig):
+    name: Literal["moco"] = "moco"
+
+
+# One entry per method; the union below is discriminated by ``method.name``.
+METHOD_CONFIGS: dict[str, type[ContrastConfig]] = {"moco": MocoConfig}
+METHOD_NAMES = tuple(METHOD_CONFIGS)
+DEFAULT_METHOD = "moco"
+MethodConfig = Annotated[MocoConfig, Field(discriminator="name")]
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1.5e-3, gt=0.0, description="base learning rate (see lr_scaling)")
+    lr_scaling: Literal["linear", "none"] = Field("linear", description="linear: lr * batch_size / 256")
+    min_lr: float = Field(0.0, ge=0.0, description="end of the cosine decay (absolute)")
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    weight_decay_end: float | None = Field(None, ge=0.0, description="cosine wd schedule end; null: constant")
+    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    sgd_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0.0, description="max gradient norm; null: no clipping")
+
+
+class TrainingConfig(Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(256, ge=2, description="global batch over all workers")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    eval_every: int = Field(1, ge=0, description="kNN every n epochs; 0: only after the last")
+    checkpoint_every: int = Field(1, ge=1)
+    output_dir: str | None = Field(None, description="null: runs/<run_name>")
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$")
+    progress: bool = True
+
+
+class EvalConfig(Section):
+    knn_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((20, 200), min_length=1)
+    knn_temperature: float = Field(0.07, gt=0.0)
+    knn_chunk_size: int = Field(1024, ge=1)
+    linear_epochs: int = Field(50, ge=1)
+    linear_lr: float = Field(0.1, gt=0.0)
+    linear_batch_size: int = Field(256, ge=1)
+    linear_at_end: bool = Field(False, description="run the linear probe after training")
+
+
+class TrackingConfig(Section):
+    enabled: bool = False
+    uri: str | None = Field(None, description="null: sqlite:///<abs>/mlflow.db")
+    experiment: str = "raymix"
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    storage_path: str | None = None
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    head: HeadConfig = HeadConfig()
+    method: MethodConfig = Field(default_factory=lambda: METHOD_CONFIGS[DEFAULT_METHOD]())  # type: ignore[assignment]
+    optim: OptimConfig = OptimConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    scaling: ScalingConfig = ScalingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        size, patch = self.data.image_size, self.backbone.patch_size
+        if self.backbone.name.startswith("vit") and size % patch:
+            raise ValueError(
+                f"backbone.patch_size={patch} does not divide data.image_size={size}; "
+                f"allowed: a divisor of {size}"
+            )
+        if self.training.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"training.batch_size={self.training.batch_size} is not divisible by "
+                f"scaling.num_workers={self.scaling.num_workers}"
+            )
+        if self.data.name in ("cifar10", "cifar100", "stl10", "imagefolder") and not self.data.root:
+            raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        if self.training.run_name:
+            return self.training.run_name
+        return f"{self.method.name}-{self.data.name}-{self.backbone.name}-s{self.training.seed}"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training.output_dir or Path("runs") / self.run_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop pydantic's internal steps (validator names, the union tag after ``method``)."""
+    out: list[Any] = []
+    for part in loc:
+        if str(part).startswith("function-"):
+            continue
+        if out == ["method"] and part in METHOD_CONFIGS:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _describe(error: Any, raw: dict[str, Any]) -> str:
+    loc = _clean_loc(error["loc"])
+    key = ".".join(str(p) for p in loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        allowed = ", ".join(sorted(_fields_at(parent, raw)))
+        where = " in " + ".".join(map(str, parent)) if parent else ""
+        return f"unknown key '{key}'; allowed keys{where}: {allowed}"
+    if kind == "union_tag_invalid":
+        got = error.get("ctx", {}).get("tag")
+        return f"{key}.name: unknown method {got!r}; allowed: {', '.join(METHOD_NAMES)}"
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key or 'config'}: {error['msg']}{shown}"
+
+
+def _fields_at(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[str]:
+    """The keys allowed in the section at ``loc`` (the method section by its name)."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = field.annotation
+        if part == "method":
+            name = (raw.get("method") or {}).get("name", DEFAULT_METHOD)
+            model = METHOD_CONFIGS.get(name, MocoConfig)
+    return list(getattr(model, "model_fields", {}))
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict into a :class:`Config`, raising :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    method = raw.get("method")
+    if isinstance(method, dict) and "name" not in method:
+        # A method section without a name refines the default method.
+        raw = {**raw, "method": {"name": DEFAULT_METHOD, **method}}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(e, raw) for e in exc.errors())) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is read as YAML (numbers, null, lists, booleans)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        return key, yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each dotted override set (sections created as needed)."""
+    out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or the defaults when ``path`` is None), apply overrides, validate once."""
+    raw = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides or []))

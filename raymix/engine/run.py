@@ -1,0 +1,119 @@
+"""A single in-process run: train, evaluate, checkpoint, resume. Used by ``raymix train``.
+
+Output folder layout::
+
+    config.yaml            the resolved config
+    metrics.jsonl          one line per epoch (epoch 0: the encoder at initialisation)
+    checkpoints/last.pt    the latest state (resumed from when the same run starts again)
+    checkpoints/best.pt    the state with the best knn_top1
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from raymix.config import Config, ConfigError
+from raymix.engine.checkpoint import load_checkpoint, save_checkpoint
+from raymix.engine.trainer import Trainer
+
+# Keys that may change between a run and its resumption: they do not alter the trajectory.
+RESUMABLE_CHANGES = (
+    "training.progress",
+    "training.eval_every",
+    "training.checkpoint_every",
+    "eval.",
+    "tracking.",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, ignoring resumable ones."""
+    a, b = _flatten(old), _flatten(new)
+    changed = [key for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return [key for key in changed if not key.startswith(RESUMABLE_CHANGES)]
+
+
+def resume_state(cfg: Config) -> dict[str, Any] | None:
+    """The latest checkpoint of this run's folder, if any; refuses one from another config."""
+    last = cfg.output_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        return None
+    state = load_checkpoint(last)
+    changed = config_changes(state["config"], cfg.to_dict())
+    if changed:
+        raise ConfigError(
+            f"{cfg.output_dir} holds a run with a different config ({', '.join(changed)}); "
+            "set training.output_dir (or training.run_name) to start a new run there"
+        )
+    return state
+
+
+def format_metrics(metrics: dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(metrics['epoch']):>3}/{epochs}"]
+    for key in ("loss", "knn_top1", "linear_top1_best"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4f}")
+    if "epoch_seconds" in metrics:
+        parts.append(f"{metrics['epoch_seconds']:.1f} s")
+    return "  ".join(parts)
+
+
+def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` to its last epoch, resuming its folder's latest checkpoint if there is one.
+
+    Everything that can reject the input (config, data, an incompatible old run) happens
+    before the first file is written. Returns the last epoch's metrics plus the paths.
+    """
+    trainer = Trainer(cfg)
+    state = resume_state(cfg)
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    ckpt_dir, history = out / "checkpoints", out / "metrics.jsonl"
+    epochs = cfg.training.epochs
+
+    if state is not None:
+        trainer.load_state_dict(state)
+        run = dict(state["run"])
+        log(f"resuming {out} after epoch {trainer.epoch}")
+    else:
+        initial = {"epoch": 0, **trainer.evaluate()}
+        run = {"knn_top1_init": initial["knn_top1"], "best_knn_top1": float("-inf")}
+        history.write_text(json.dumps(initial) + "\n")
+        log(format_metrics(initial, epochs) + "  (initialisation)")
+
+    metrics: dict[str, Any] = {"epoch": trainer.epoch}
+    while trainer.epoch < epochs:
+        metrics = trainer.train_epoch(progress=progress and cfg.training.progress)
+        last = trainer.epoch == epochs
+        every = cfg.training.eval_every
+        if last or (every and trainer.epoch % every == 0):
+            metrics.update(trainer.evaluate(linear=last and cfg.eval.linear_at_end))
+        with history.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        log(format_metrics(metrics, epochs))
+        improved = metrics.get("knn_top1", float("-inf")) > run["best_knn_top1"]
+        if improved:
+            run["best_knn_top1"] = metrics["knn_top1"]
+        state = {**trainer.state_dict(), "run": run}
+        if last or trainer.epoch % cfg.training.checkpoint_every == 0:
+            save_checkpoint(state, ckpt_dir / "last.pt")
+        if improved:
+            save_checkpoint(state, ckpt_dir / "best.pt")
+    if "knn_top1" not in metrics:  # resumed a finished run: report its encoder again
+        metrics.update(trainer.evaluate(linear=cfg.eval.linear_at_end))
+    return {**metrics, **run, "output_dir": str(out), "best_checkpoint": str(ckpt_dir / "best.pt")}

@@ -1,0 +1,210 @@
+"""The training engine: data, augmentation, method, optimiser and one epoch at a time.
+
+No Ray, no MLflow: the CLI drives it in-process and the Ray Train worker drives the same
+object on each worker. ``training.batch_size`` is the global batch; each of the
+``world_size`` workers trains on ``batch_size // world_size`` images per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from raymix.config import Config
+from raymix.data import BatchLoader, TwoViewAugment, build_datasets, normalize
+from raymix.engine.knn import knn_accuracies
+from raymix.engine.linear import linear_probe
+from raymix.engine.optim import Schedules, build_optimizer
+from raymix.methods import ContrastiveMethod, build_method
+
+EVAL_BATCH = 512
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device=cuda but no CUDA device is visible; use training.device=cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "bf16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    """Holds everything a run needs; ``train_epoch`` and ``evaluate`` advance and measure it.
+
+    ``wrap`` lets a distributed caller wrap the method (e.g. in DDP) for the forward pass;
+    the unwrapped module stays available as ``self.method``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = device or resolve_device(cfg.training.device)
+        self.amp_dtype = resolve_precision(cfg.training.precision, self.device)
+        seed = cfg.training.seed
+
+        self.train_data, self.test_data = build_datasets(cfg.data)
+        local_batch = cfg.training.batch_size // world_size
+        self.train_loader = BatchLoader(
+            self.train_data, local_batch, shuffle=True, drop_last=True, seed=seed,
+            rank=rank, world_size=world_size, device=self.device, num_workers=cfg.data.loader_workers,
+        )  # fmt: skip
+        self.augment = TwoViewAugment(
+            cfg.augment, cfg.data.image_size, self.train_data.mean, self.train_data.std
+        )
+
+        torch.manual_seed(seed)  # identical initial weights on every rank
+        self.method: ContrastiveMethod = build_method(cfg).to(self.device)
+        self.model = wrap(self.method) if wrap else self.method
+        self.optimizer = build_optimizer(self.method, cfg.optim, self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = self.steps_per_epoch * cfg.training.epochs
+        self.schedules = Schedules(
+            cfg.optim, cfg.training.batch_size, self.steps_per_epoch, cfg.training.epochs
+        )
+        # Augmentation randomness differs per rank; dropout/drop-path uses the global RNG.
+        self.generator = torch.Generator(self.device).manual_seed(seed * 1000 + rank + 1)
+        torch.manual_seed(seed * 1000 + rank + 1)
+        self.epoch = 0
+        self.step = 0
+
+    # ------------------------------------------------------------------ training
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step on a batch of uint8 images; returns detached logs (no host sync)."""
+        lr = self.schedules.apply(self.optimizer, self.step)
+        view1, view2 = self.augment(images, self.generator)  # (B, 3, S, S) each
+        with self.autocast():
+            loss, logs = self.model(view1, view2, labels if self.method.uses_labels else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.cfg.optim.grad_clip
+        if clip is not None:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip).detach()
+        self.optimizer.step()
+        self.step += 1
+        self.method.after_step(self.step, self.total_steps)
+        logs["loss"] = loss.detach()
+        logs["lr"] = torch.tensor(lr)
+        return logs
+
+    def train_epoch(self, progress: bool = False) -> dict[str, float]:
+        """One pass over this rank's shard; returns epoch means of every logged value."""
+        self.method.train()
+        self.train_loader.set_epoch(self.epoch)
+        sums: dict[str, torch.Tensor] = {}
+        start = time.perf_counter()
+        bar = tqdm(
+            self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.training.epochs}",
+            disable=not progress, leave=False, dynamic_ncols=True,
+        )  # fmt: skip
+        for i, (images, labels) in enumerate(bar):
+            logs = self.train_step(images, labels)
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0) + value.float().to(self.device)
+            if progress and (i % 10 == 0):
+                bar.set_postfix(loss=f"{logs['loss'].item():.4f}")  # a sync, only for display
+        self.epoch += 1
+        seconds = time.perf_counter() - start
+        metrics = {key: float(total) / max(self.steps_per_epoch, 1) for key, total in sums.items()}
+        if not torch.isfinite(torch.tensor(metrics.get("loss", 0.0))):
+            raise FloatingPointError(f"loss is not finite ({metrics.get('loss')}) in epoch {self.epoch}")
+        metrics["epoch"] = self.epoch
+        metrics["epoch_seconds"] = seconds
+        metrics["images_per_second"] = self.steps_per_epoch * self.train_loader.batch_size / seconds
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    @contextlib.contextmanager
+    def _eval_mode(self, module: nn.Module) -> Iterator[None]:
+        was_training = module.training
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train(was_training)
+
+    @torch.no_grad()
+    def features(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features (N, D) float32 of every image of ``data`` (no augmentation) and labels."""
+        encoder = self.method.eval_backbone()
+        loader = BatchLoader(data, EVAL_BATCH, shuffle=False, drop_last=False, device=self.device)
+        feats, labels = [], []
+        with self._eval_mode(encoder):
+            for images, targets in loader:
+                x = normalize(images, data.mean, data.std)
+                with self.autocast():
+                    feats.append(encoder(x).float())
+                labels.append(targets)
+        return torch.cat(feats), torch.cat(labels)
+
+    def evaluate(self, linear: bool = False) -> dict[str, float]:
+        """kNN top-1 for each configured k (``knn_top1`` is the first k); linear probe if asked."""
+        cfg = self.cfg.eval
+        train_x, train_y = self.features(self.train_data)
+        test_x, test_y = self.features(self.test_data)
+        accs = knn_accuracies(
+            train_x, train_y, test_x, test_y, ks=cfg.knn_k, temperature=cfg.knn_temperature,
+            chunk_size=cfg.knn_chunk_size,
+        )  # fmt: skip
+        metrics = {f"knn_top1_k{k}": acc for k, acc in accs.items()}
+        metrics["knn_top1"] = accs[cfg.knn_k[0]]
+        if linear:
+            result = linear_probe(
+                train_x, train_y, test_x, test_y, epochs=cfg.linear_epochs, lr=cfg.linear_lr,
+                batch_size=cfg.linear_batch_size, seed=self.cfg.training.seed,
+            )  # fmt: skip
+            metrics["linear_top1_best"] = result.best_top1
+            metrics["linear_top1_last"] = result.last_top1
+        return metrics
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit: weights, optimiser, counters, RNG states."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "augment": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": rng,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        self.generator.set_state(rng["augment"].cpu())
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)

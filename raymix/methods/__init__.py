@@ -1,0 +1,18 @@
+"""Methods registry: one file per method, one line here."""
+
+from __future__ import annotations
+
+from raymix.config import Config
+from raymix.methods.base import ContrastiveMethod
+from raymix.methods.moco import MoCo
+
+METHODS: dict[str, type[ContrastiveMethod]] = {
+    "moco": MoCo,
+}
+
+
+def build_method(cfg: Config) -> ContrastiveMethod:
+    return METHODS[cfg.method.name](cfg)
+
+
+__all__ = ["METHODS", "ContrastiveMethod", "build_method"]

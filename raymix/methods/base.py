@@ -1,0 +1,109 @@
+"""The MoCo v3-style base that every contrastive method builds on (METHODS.md section 0).
+
+Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers"
+(arXiv 2104.02057): online branch f = predictor(projector(backbone)), key branch
+g = projector(backbone) of an EMA copy, or of the online weights under no_grad when
+``momentum`` is null. Keys are gathered without gradient; an optional MoCo v2 queue of
+past clean keys adds negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymix import dist
+from raymix.config import Config
+from raymix.models import build_backbone, ema_update, feature_dim, mlp, momentum_copy
+from raymix.schedules import momentum_schedule
+
+
+class ContrastiveMethod(nn.Module):
+    """Backbone, heads, key encoder and queue; subclasses define ``forward``.
+
+    ``forward(view1, view2, labels)`` returns ``(loss, logs)``: the scalar to minimise
+    and a dict of detached scalars named like ``loss/contrast``. The engine wraps this
+    module (DDP when distributed) and calls :meth:`after_step` after each optimiser step.
+    """
+
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
+
+    #: Whether the trainer passes class labels to ``forward`` (only supervised methods).
+    uses_labels = False
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        method, head = cfg.method, cfg.head
+        self.backbone = build_backbone(cfg.backbone, cfg.data.image_size)
+        self.projector = mlp(feature_dim(self.backbone), head.hidden_dim, head.out_dim, head.projector_layers)
+        self.predictor = mlp(head.out_dim, head.hidden_dim, head.out_dim, head.predictor_layers)
+        self.temperature = method.temperature
+        self.base_momentum = method.momentum
+        self.momentum_schedule = method.momentum_schedule
+        self.key_backbone: nn.Module | None = None
+        self.key_projector: nn.Module | None = None
+        if method.momentum is not None:
+            self.key_backbone = momentum_copy(self.backbone)
+            self.key_projector = momentum_copy(self.projector)
+        # Random unit vectors until real keys replace them (MoCo v2).
+        self.register_buffer("queue", F.normalize(torch.randn(method.queue_size, head.out_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    # -- branches
+
+    def online(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projector output z, predictor output p) of the online branch, each (B, out_dim)."""
+        z = self.projector(self.backbone(x))
+        return z, self.predictor(z)
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Key-branch projections (B, out_dim), never with gradient."""
+        if self.key_backbone is None or self.key_projector is None:
+            return self.projector(self.backbone(x)).detach()
+        return self.key_projector(self.key_backbone(x))
+
+    def eval_backbone(self) -> nn.Module:
+        """The encoder evaluated by kNN and the linear probe: the key encoder when there is one."""
+        return self.key_backbone if self.key_backbone is not None else self.backbone
+
+    # -- queue
+
+    def negatives(self) -> torch.Tensor | None:
+        """A snapshot of the queue (so enqueuing later does not touch the autograd graph)."""
+        return self.queue.clone() if self.queue.shape[0] else None
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """FIFO: write the gathered clean keys at the pointer, wrapping around."""
+        size = self.queue.shape[0]
+        if not size or not self.training:
+            return
+        keys = F.normalize(keys.float(), dim=1)[-size:]  # (n, D), at most the queue size
+        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
+        self.queue[rows] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+
+    # -- steps
+
+    def offset(self, local_batch: int) -> int:
+        """Column of this rank's first positive among the gathered keys."""
+        return dist.rank() * local_batch
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA update of the key encoder with the momentum of ``step``."""
+        if self.key_backbone is None or self.key_projector is None or self.base_momentum is None:
+            return
+        m = self.base_momentum
+        if self.momentum_schedule == "cosine":
+            m = momentum_schedule(step, total_steps, m)
+        ema_update(self.key_backbone, self.backbone, m)
+        ema_update(self.key_projector, self.projector, m)
+
+    def forward(
+        self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from raymix.config import load_config
+from raymix.methods import METHODS, build_method
+
+TINY = [
+    "data.image_size=16",
+    "backbone.patch_size=8",
+    "backbone.depth=1",
+    "head.hidden_dim=32",
+    "head.out_dim=16",
+]
+
+
+def make(*overrides):
+    torch.manual_seed(0)
+    return build_method(load_config(None, TINY + list(overrides)))
+
+
+def test_registry_names_match_config():
+    from raymix.config import METHOD_NAMES
+
+    assert set(METHODS) == set(METHOD_NAMES)
+
+
+def test_cosine_momentum_reaches_one_at_the_end():
+    method = make("method.momentum=0.5")
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    method.after_step(10, 10)  # m_T = 1: the key encoder does not move
+    key = dict(method.key_backbone.named_parameters())
+    for name, p in method.backbone.named_parameters():
+        assert not torch.allclose(key[name], p)
+    method.after_step(0, 10)  # m_0 = 0.5
+    for name, p in method.backbone.named_parameters():
+        torch.testing.assert_close(key[name], 0.5 * (p - 1.0) + 0.5 * p)
+
+
+def test_loss_is_symmetric_sum_and_keys_get_no_gradient():
+    method = make()
+    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    loss, logs = method(x1, x2)
+    loss.backward()
+    assert torch.isfinite(loss) and logs["loss/contrast"] == loss.detach()
+    assert all(p.grad is None for p in method.key_backbone.parameters())
+    assert method.backbone.patch_embed.proj.weight.grad is not None
+    # Untrained networks sit near chance: 2 tau log(B) per direction, two directions.
+    assert loss.item() == pytest.approx(2 * 2 * 0.2 * math.log(6), rel=0.2)
+
+
+def test_no_momentum_uses_online_projector():
+    method = make("method.momentum=null")
+    assert method.key_backbone is None and method.eval_backbone() is method.backbone
+    method.eval()
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(method.keys(x), method.online(x)[0])
+    method.after_step(1, 10)  # nothing to update, no error
+
+
+def test_momentum_encoder_is_evaluated_and_follows_the_ema():
+    method = make("method.momentum=0.5", "method.momentum_schedule=constant")
+    assert method.eval_backbone() is method.key_backbone
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in method.key_backbone.parameters()]
+    method.after_step(1, 10)
+    for p_key, p_old, p_online in zip(
+        method.key_backbone.parameters(), before, method.backbone.parameters(), strict=True
+    ):
+        torch.testing.assert_close(p_key, 0.5 * p_old + 0.5 * p_online)
+
+
+def test_queue_is_fifo_and_wraps():
+    method = make("method.queue_size=10")
+    method.train()
+    first, second = torch.eye(16)[:6], torch.eye(16)[6:12]
+    method.enqueue(first)
+    assert method.queue_ptr.item() == 6
+    torch.testing.assert_close(method.queue[:6], first)
+    method.enqueue(second)  # rows 6..9, then wraps to 0..1
+    assert method.queue_ptr.item() == 2
+    torch.testing.assert_close(method.queue[6:10], second[:4])
+    torch.testing.assert_close(method.queue[:2], second[4:])
+    torch.testing.assert_close(method.queue[2:6], first[2:6])
+
+
+def test_queue_not_touched_in_eval_mode_and_forward_enqueues_both_views():
+    method = make("method.queue_size=32")
+    method.eval()
+    method.enqueue(torch.eye(16)[:4])
+    assert method.queue_ptr.item() == 0
+    method.train()
+    method(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    assert method.queue_ptr.item() == 8
+
+
+def test_queue_adds_negatives_to_the_loss():
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    plain = make()(x1, x2)[0]
+    queued = make("method.queue_size=64")(x1, x2)[0]
+    assert queued > plain  # more negatives in the denominator

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raymix.losses import info_nce, soft_cross_entropy
+
+
+def reference_info_nce(q, k, offset, tau, negatives=None):
+    """Slow: one row at a time, straight from 2 tau * -log(exp(q.k+ / tau) / sum exp(q.k / tau))."""
+    q = [row / row.norm() for row in q.double()]
+    cols = [row / row.norm() for row in k.double()]
+    if negatives is not None:
+        cols += [row / row.norm() for row in negatives.double()]
+    total = 0.0
+    for b, qb in enumerate(q):
+        sims = [float(qb @ c) / tau for c in cols]
+        total += -(sims[offset + b] - math.log(sum(math.exp(s) for s in sims)))
+    return 2 * tau * total / len(q)
+
+
+@pytest.mark.parametrize("offset", [0, 4, 8])
+@pytest.mark.parametrize("queue", [0, 5])
+def test_info_nce_matches_reference(offset, queue):
+    g = torch.Generator().manual_seed(offset + queue)
+    q, k = torch.randn(4, 16, generator=g), torch.randn(12, 16, generator=g)
+    neg = torch.randn(queue, 16, generator=g) if queue else None
+    got = info_nce(q, k, offset, 0.2, neg)
+    assert got.item() == pytest.approx(reference_info_nce(q, k, offset, 0.2, neg), rel=1e-5)
+
+
+def test_info_nce_exact_value():
+    # q = k = two orthogonal unit vectors, tau = 1: logits [[1, 0], [0, 1]],
+    # loss = 2 * 1 * -log(e / (e + 1)) = 2 log(1 + 1/e).
+    eye = torch.eye(2)
+    assert info_nce(eye, eye, 0, 1.0).item() == pytest.approx(2 * math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+def test_info_nce_scale_invariant_and_keys_get_no_special_treatment():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    assert info_nce(q, k, 0, 0.1).item() == pytest.approx(info_nce(5 * q, 0.3 * k, 0, 0.1).item(), rel=1e-5)
+
+
+def test_info_nce_positive_column_matters():
+    g = torch.Generator().manual_seed(1)
+    k = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    aligned = info_nce(k[2:4], k, offset=2, temperature=0.1)
+    shifted = info_nce(k[2:4], k, offset=0, temperature=0.1)
+    assert aligned < shifted
+
+
+def test_soft_cross_entropy_one_hot_equals_cross_entropy():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 7, generator=g)
+    labels = torch.tensor([0, 3, 6, 2, 2])
+    got = soft_cross_entropy(logits, F.one_hot(labels, 7).float())
+    assert got.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_soft_cross_entropy_uniform_logits():
+    # Uniform logits over N columns and targets summing to 2: 2 log N per row.
+    targets = torch.zeros(3, 4)
+    targets[:, 0] = 1.0
+    targets[:, 1] = 1.0
+    assert soft_cross_entropy(torch.zeros(3, 4), targets).item() == pytest.approx(2 * math.log(4))
