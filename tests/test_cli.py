@@ -1,5 +1,6 @@
 """The command line: help, bad input (one line, exit 2, nothing written), train and eval."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,51 @@ def test_module_entry_point_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "method.name" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A short quickstart run through the CLI (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    command = ["train", str(DIGITS), "training.epochs=6", f"training.output_dir={out}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "raymix", *command], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def test_short_digits_run_beats_initialisation(digits_run):
+    out, stdout = digits_run
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(7))
+    initial, final = history[0]["knn_top1"], history[-1]["knn_top1"]
+    assert final > initial + 0.05, (initial, final)
+    assert "(initialisation)" in stdout and f"final: knn_top1 {final:.4f}" in stdout
+
+
+def test_eval_reports_knn_and_linear_of_a_checkpoint(digits_run, capsys):
+    out, _ = digits_run
+    assert (
+        main(["eval", str(out / "checkpoints" / "last.pt"), "--knn", "--linear", "eval.linear_epochs=5"]) == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["epoch"] == 6
+    assert metrics["knn_top1"] == pytest.approx(final["knn_top1"])
+    assert (
+        0.1 < metrics["linear_top1_best"] <= 1.0
+        and metrics["linear_top1_last"] <= metrics["linear_top1_best"]
+    )
+
+
+def test_running_again_resumes_instead_of_restarting(digits_run, capsys):
+    out, _ = digits_run
+    before = (out / "metrics.jsonl").read_text()
+    assert (
+        main(["train", str(DIGITS), "training.epochs=6", f"training.output_dir={out}", "--no-progress"]) == 0
+    )
+    assert "resuming" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == before
+    assert main(["train", str(DIGITS), "training.epochs=6", "optim.lr=1", f"training.output_dir={out}"]) == 2
+    assert "different config (optim.lr)" in capsys.readouterr().err

@@ -120,7 +120,7 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(
             self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.training.epochs}",
-            disable=not progress, leave=False, dynamic_ncols=True,
+            disable=None if progress else True, leave=False, dynamic_ncols=True,  # None: only on a terminal
         )  # fmt: skip
         for i, (images, labels) in enumerate(bar):
             logs = self.train_step(images, labels)

@@ -1,0 +1,115 @@
+"""The engine end to end on tiny CPU configs: exact resume, schedules, outputs, learning."""
+
+import json
+
+import pytest
+import torch
+
+from raymix.config import ConfigError, load_config
+from raymix.engine.checkpoint import load_checkpoint, save_checkpoint
+from raymix.engine.run import config_changes, fit
+from raymix.engine.trainer import Trainer
+
+TINY = [
+    "data.name=synthetic",
+    "data.image_size=16",
+    "data.synthetic_train_size=96",
+    "data.synthetic_test_size=32",
+    "backbone.patch_size=8",
+    "backbone.depth=1",
+    "backbone.drop_path=0.2",
+    "head.hidden_dim=32",
+    "head.out_dim=16",
+    "training.batch_size=32",
+    "training.epochs=3",
+    "training.progress=false",
+    "optim.warmup_epochs=1",
+    "optim.weight_decay_end=0.2",
+]
+
+
+def tiny(*overrides: str):
+    return load_config(None, [*TINY, *overrides])
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.method.state_dict().items()}
+
+
+@pytest.mark.parametrize("extra", [["method.queue_size=48"], ["method.momentum=null", "optim.name=sgd"]])
+def test_resume_gives_the_identical_next_epoch(tmp_path, extra):
+    cfg = tiny(*extra)
+    first = Trainer(cfg)
+    first.train_epoch()
+    save_checkpoint(first.state_dict(), tmp_path / "ckpt.pt")
+    first.train_epoch()
+    expected = params(first)
+
+    resumed = Trainer(cfg)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt"))
+    assert (resumed.epoch, resumed.step) == (1, first.steps_per_epoch)
+    resumed.train_epoch()
+    got = params(resumed)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    # And the run really moved: the state after two epochs differs from a fresh start.
+    fresh = params(Trainer(cfg))
+    assert not torch.equal(fresh["backbone.cls_token"], expected["backbone.cls_token"])
+
+
+def test_schedules_follow_the_step():
+    cfg = tiny("optim.lr=0.256", "optim.min_lr=0.001")
+    trainer = Trainer(cfg)  # 96 images / 32 = 3 steps per epoch, 9 steps, 3 warm-up
+    assert trainer.total_steps == 9
+    lrs = [trainer.schedules.lr(s) for s in range(9)]
+    assert lrs[0] == 0.0 and lrs[3] == pytest.approx(0.256 * 32 / 256)
+    assert lrs[3] > lrs[5] > lrs[8] > 0.001
+    trainer.train_epoch()
+    group = next(g for g in trainer.optimizer.param_groups if g["decay"])
+    assert group["weight_decay"] == pytest.approx(trainer.schedules.weight_decay(2))
+    assert all(g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups if not g["decay"])
+
+
+def test_no_decay_on_norms_biases_and_embeddings():
+    trainer = Trainer(tiny())
+    names = {id(p): n for n, p in trainer.method.named_parameters()}
+    no_decay = next(g for g in trainer.optimizer.param_groups if not g["decay"])["params"]
+    skipped = {names[id(p)] for p in no_decay}
+    assert "backbone.cls_token" in skipped and "backbone.pos_embed" in skipped
+    assert "backbone.norm.weight" in skipped and "backbone.blocks.0.attn.qkv.bias" in skipped
+    assert not any("key_" in n for n in names.values() if n in skipped)  # frozen copies are not optimised
+
+
+def test_non_finite_loss_stops_the_epoch():
+    trainer = Trainer(tiny("optim.lr=1e30", "optim.warmup_epochs=0", "optim.lr_scaling=none"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        for _ in range(3):
+            trainer.train_epoch()
+
+
+def test_fit_writes_outputs_and_resumes(tmp_path):
+    cfg = tiny(f"training.output_dir={tmp_path / 'run'}", "training.epochs=2")
+    lines: list[str] = []
+    result = fit(cfg, log=lines.append, progress=False)
+    out = tmp_path / "run"
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert all(0.0 <= h["knn_top1"] <= 1.0 for h in history)
+    assert (out / "config.yaml").exists() and (out / "checkpoints" / "best.pt").exists()
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
+    assert result["knn_top1_init"] == history[0]["knn_top1"]
+
+    # Same run, more epochs: continues from epoch 2 instead of starting over.
+    longer = tiny(f"training.output_dir={tmp_path / 'run'}", "training.epochs=3")
+    with pytest.raises(ConfigError, match="training.epochs"):
+        fit(longer, log=lines.append, progress=False)
+    lines.clear()
+    fit(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"knn_k": (5,)})}), log=lines.append)
+    assert lines[0].startswith("resuming") and len(lines) == 1  # nothing left to train
+
+
+def test_config_changes_ignores_resumable_keys():
+    a = tiny().to_dict()
+    b = tiny("eval.knn_k=[5]", "training.progress=true", "optim.lr=0.5").to_dict()
+    assert config_changes(a, b) == ["optim.lr"]
