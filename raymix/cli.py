@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="evaluate a saved checkpoint",
-        description="kNN (default) and/or linear probe of a checkpoint's encoder on its run's dataset.",
+        description="kNN (default) and/or linear probe of a checkpoint's encoder on its run's dataset. "
+        "The checkpoint's own config is used; KEY=VALUE pairs override it.",
+        epilog=keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by raymix train")
     ev.add_argument("--knn", action="store_true", help="kNN top-1 (the default when neither flag is given)")

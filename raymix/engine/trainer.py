@@ -96,7 +96,7 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch of uint8 images; returns detached logs (no host sync)."""
-        lr = self.schedules.apply(self.optimizer, self.step)
+        self.schedules.apply(self.optimizer, self.step)
         view1, view2 = self.augment(images, self.generator)  # (B, 3, S, S) each
         with self.autocast():
             loss, logs = self.model(view1, view2, labels if self.method.uses_labels else None)
@@ -109,7 +109,6 @@ class Trainer:
         self.step += 1
         self.method.after_step(self.step, self.total_steps)
         logs["loss"] = loss.detach()
-        logs["lr"] = torch.tensor(lr)
         return logs
 
     def train_epoch(self, progress: bool = False) -> dict[str, float]:
@@ -125,7 +124,7 @@ class Trainer:
         for i, (images, labels) in enumerate(bar):
             logs = self.train_step(images, labels)
             for key, value in logs.items():
-                sums[key] = sums.get(key, 0) + value.float().to(self.device)
+                sums[key] = sums.get(key, 0) + value.float()
             if progress and (i % 10 == 0):
                 bar.set_postfix(loss=f"{logs['loss'].item():.4f}")  # a sync, only for display
         self.epoch += 1
@@ -133,6 +132,7 @@ class Trainer:
         metrics = {key: float(total) / max(self.steps_per_epoch, 1) for key, total in sums.items()}
         if not torch.isfinite(torch.tensor(metrics.get("loss", 0.0))):
             raise FloatingPointError(f"loss is not finite ({metrics.get('loss')}) in epoch {self.epoch}")
+        metrics["lr"] = self.schedules.lr(self.step - 1)  # the rate of the epoch's last step
         metrics["epoch"] = self.epoch
         metrics["epoch_seconds"] = seconds
         metrics["images_per_second"] = self.steps_per_epoch * self.train_loader.batch_size / seconds
