@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=keys,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file written by raymix train")
+    ev.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a .pt file or Ray Train checkpoint folder written by raymix train",
+    )
     ev.add_argument("--knn", action="store_true", help="kNN top-1 (the default when neither flag is given)")
     ev.add_argument("--linear", action="store_true", help="linear probe on frozen features")
     ev.add_argument(
@@ -75,12 +80,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
-    from raymix.engine.run import fit
+def uses_ray(cfg: Config) -> bool:
+    """``scaling.backend=auto``: Ray Train for several workers or when a cluster is named."""
+    backend = cfg.scaling.backend
+    return backend == "ray" or (
+        backend == "auto" and (cfg.scaling.num_workers > 1 or "RAY_ADDRESS" in os.environ)
+    )
 
+
+def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    result = fit(cfg, progress=not args.no_progress)
-    print(f"final: knn_top1 {result['knn_top1']:.4f} (at initialisation {result['knn_top1_init']:.4f})")
+    if uses_ray(cfg):
+        from raymix.integrations.ray_train import run
+
+        result = run(cfg)
+    else:
+        from raymix.engine.run import fit
+
+        result = fit(cfg, progress=not args.no_progress)
+        print(f"final: knn_top1 {result['knn_top1']:.4f} (at initialisation {result['knn_top1_init']:.4f})")
     print(f"best checkpoint: {result['best_checkpoint']}")
     return 0
 
@@ -91,6 +109,8 @@ def _eval(args: argparse.Namespace) -> int:
     from raymix.engine.trainer import Trainer
 
     path = Path(args.checkpoint)
+    if path.is_dir():  # a Ray Train checkpoint folder
+        path = path / "state.pt"
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist")
     state = load_checkpoint(path)

@@ -130,6 +130,9 @@ class TrainingConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     eval_every: int = Field(1, ge=0, description="kNN every n epochs; 0: only after the last")
     checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Ray Train: the best k by knn_top1 (the latest is kept too)"
+    )
     output_dir: str | None = Field(None, description="null: runs/<run_name>")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$")
     progress: bool = True
@@ -152,10 +155,26 @@ class TrackingConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(1, ge=1)
+    """Where a run executes. ``backend=auto`` trains in this process when one worker is asked
+    for and no cluster is given (no RAY_ADDRESS), and through Ray Train otherwise."""
+
+    backend: Literal["auto", "local", "ray"] = "auto"
+    num_workers: int = Field(
+        1, ge=1, description="data-parallel workers (processes), one GPU each with use_gpu"
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    storage_path: str | None = None
+    storage_path: str | None = Field(
+        None, description="Ray Train run storage (a shared path or URI on multi-node clusters); "
+        "null: the parent folder of the run's output_dir",
+    )  # fmt: skip
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
+
+
+class DebugConfig(Section):
+    fail_at_epoch: int | None = Field(
+        None, ge=1, description="fault injection: a worker process dies once at the start of this epoch"
+    )
 
 
 class Config(Section):
@@ -169,6 +188,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     scaling: ScalingConfig = ScalingConfig()
+    debug: DebugConfig = DebugConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -182,6 +202,11 @@ class Config(Section):
             raise ValueError(
                 f"training.batch_size={self.training.batch_size} is not divisible by "
                 f"scaling.num_workers={self.scaling.num_workers}"
+            )
+        if self.scaling.backend == "local" and self.scaling.num_workers > 1:
+            raise ValueError(
+                f"scaling.num_workers={self.scaling.num_workers} needs scaling.backend=ray (or auto); "
+                "backend=local trains one worker in this process"
             )
         if self.data.name in ("cifar10", "cifar100", "stl10", "imagefolder") and not self.data.root:
             raise ValueError(f"data.root is required for data.name={self.data.name!r}")

@@ -1,4 +1,4 @@
-"""Rank, world size and all-gathers; the identity when torch.distributed is not initialised.
+"""Rank, world size, gathers and all-reduces; the identity when torch.distributed is not initialised.
 
 Method math never calls these: the method module gathers and passes gathered tensors and
 the rank offset to the pure functions.
@@ -6,9 +6,12 @@ the rank offset to the pure functions.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_distributed() -> bool:
@@ -23,30 +26,80 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-@torch.no_grad()
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, rank order; no gradient flows back."""
-    if not is_distributed():
-        return x.detach()
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)  # (W * B, ...)
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank; gradients flow back to each rank's own slice.
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
 
-    The backward of the autograd all-gather sums the gradients of every rank's copy, so a
-    loss averaged over the global batch gets the same gradient as one process would.
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        start = dist.get_rank() * ctx.rows
+        return _all_reduce(grad)[start : start + ctx.rows]
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks forward; the gradient of a sum is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(grad)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, rank order; no gradient flows back."""
+    return _all_gather(x.detach()) if is_distributed() else x.detach()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank; gradients flow back to each rank's own rows.
+
+    With every rank minimising its share of a loss over the gathered batch (and DDP
+    averaging), the gradient equals that of one process on the concatenated batch.
+    """
+    return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable (used by synchronised BatchNorm)."""
+    return _AllReduceWithGrad.apply(x) if is_distributed() else x
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a detached value (for logging)."""
+    if not is_distributed():
+        return x
+    return _all_reduce(x.detach()) / dist.get_world_size()
+
+
+def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """Wrap for data-parallel training: DDP when distributed, the module itself otherwise.
+
+    BatchNorm layers must already be synchronised (``models.syncbn.convert_batchnorm``).
+    Buffers are not re-broadcast from rank 0 at every forward: synchronised BatchNorm keeps
+    running statistics equal, and every rank fills its key queue with the same gathered keys.
     """
     if not is_distributed():
-        return x
-    return torch.cat(dist_fn.all_gather(x.contiguous()))  # (W * B, ...)
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return x
-    out = x.detach().clone()
-    dist.all_reduce(out)
-    return out / dist.get_world_size()
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)

@@ -25,8 +25,11 @@ RESUMABLE_CHANGES = (
     "training.progress",
     "training.eval_every",
     "training.checkpoint_every",
+    "training.keep_checkpoints",
     "eval.",
     "tracking.",
+    "debug.",
+    "scaling.max_failures",
 )
 
 

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from raymix import dist
 from raymix.config import Config
 from raymix.data import BatchLoader, TwoViewAugment, build_datasets, normalize
 from raymix.engine.knn import knn_accuracies
 from raymix.engine.linear import linear_probe
 from raymix.engine.optim import Schedules, build_optimizer
 from raymix.methods import ContrastiveMethod, build_method
+from raymix.models.syncbn import convert_batchnorm
 
 EVAL_BATCH = 512
 
@@ -44,19 +46,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     """Holds everything a run needs; ``train_epoch`` and ``evaluate`` advance and measure it.
 
-    ``wrap`` lets a distributed caller wrap the method (e.g. in DDP) for the forward pass;
+    When torch.distributed is initialised (one process per worker), the trainer shards
+    the data by rank, synchronises BatchNorm across workers and wraps the method in DDP;
     the unwrapped module stays available as ``self.method``.
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | None = None,
-        wrap: Callable[[nn.Module], nn.Module] | None = None,
-    ) -> None:
+    def __init__(self, cfg: Config, *, device: torch.device | None = None) -> None:
+        rank, world_size = dist.rank(), dist.world_size()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = device or resolve_device(cfg.training.device)
         self.amp_dtype = resolve_precision(cfg.training.precision, self.device)
@@ -74,7 +70,9 @@ class Trainer:
 
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.method: ContrastiveMethod = build_method(cfg).to(self.device)
-        self.model = wrap(self.method) if wrap else self.method
+        if world_size > 1:
+            convert_batchnorm(self.method, self.device)
+        self.model = dist.data_parallel(self.method, self.device)
         self.optimizer = build_optimizer(self.method, cfg.optim, self.device)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * cfg.training.epochs
@@ -129,13 +127,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss'].item():.4f}")  # a sync, only for display
         self.epoch += 1
         seconds = time.perf_counter() - start
-        metrics = {key: float(total) / max(self.steps_per_epoch, 1) for key, total in sums.items()}
+        steps = max(self.steps_per_epoch, 1)
+        metrics = {key: float(dist.all_reduce_mean(total)) / steps for key, total in sums.items()}
         if not torch.isfinite(torch.tensor(metrics.get("loss", 0.0))):
             raise FloatingPointError(f"loss is not finite ({metrics.get('loss')}) in epoch {self.epoch}")
         metrics["lr"] = self.schedules.lr(self.step - 1)  # the rate of the epoch's last step
         metrics["epoch"] = self.epoch
         metrics["epoch_seconds"] = seconds
-        metrics["images_per_second"] = self.steps_per_epoch * self.train_loader.batch_size / seconds
+        global_batch = self.train_loader.batch_size * self.world_size
+        metrics["images_per_second"] = self.steps_per_epoch * global_batch / seconds
         return metrics
 
     # ------------------------------------------------------------------ evaluation

@@ -1,0 +1,232 @@
+"""Ray Train (V2): the engine on N workers through ``TorchTrainer``.
+
+Three layers, as in Ray's guide: :func:`train_fn_per_worker` runs on every worker,
+:func:`build_trainer` builds the ``TorchTrainer``, :func:`run` starts or joins Ray, checks
+the request against the cluster and prints the outcome. The worker rebuilds the config
+from a plain dict, so the same function serves Tune trials later.
+
+Run folder: ``<storage_path>/<name>``, by default the run's ``training.output_dir``.
+Ray keeps the best ``training.keep_checkpoints`` checkpoints by knn_top1 plus the latest;
+each holds ``state.pt`` (what :meth:`Trainer.state_dict` returns plus the run summary).
+Running the same run again resumes from the latest checkpoint; with
+``scaling.max_failures >= 1`` a failed worker group restarts from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # the V2 types
+
+from raymix.config import Config, ConfigError, config_from_dict
+from raymix.engine.checkpoint import load_checkpoint, save_checkpoint
+from raymix.engine.run import format_metrics
+from raymix.engine.trainer import Trainer
+
+STATE_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def _restore(trainer: Trainer) -> dict[str, Any] | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / STATE_FILE, map_location=trainer.device)
+    trainer.load_state_dict(state)
+    return dict(state["run"])
+
+
+def _maybe_fail(cfg: Config, epoch: int, run_dir: str) -> None:
+    """Fault injection for tests: the last worker dies once, at the start of ``epoch``."""
+    if (
+        cfg.debug.fail_at_epoch != epoch
+        or ray.train.get_context().get_world_rank() != cfg.scaling.num_workers - 1
+    ):
+        return
+    marker = Path(run_dir) / f".failed_at_epoch_{epoch}"
+    if marker.exists():
+        return
+    marker.touch()
+    os._exit(1)  # an abrupt death, as a crashed or preempted worker
+
+
+def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(state, Path(folder) / STATE_FILE)
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{state['epoch']:04d}"
+        )
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """One worker: rebuild the config, restore the latest checkpoint, train, report every epoch."""
+    cfg = config_from_dict(loop_config["config"])
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    trainer = Trainer(cfg, device=ray.train.torch.get_device())
+    run = _restore(trainer)
+    if run is None:
+        run = {
+            "knn_top1_init": trainer.evaluate()["knn_top1"] if rank0 else math.nan,
+            "best_knn_top1": -math.inf,
+        }
+    epochs, every = cfg.training.epochs, cfg.training.eval_every
+    if trainer.epoch >= epochs:  # a finished run started again: report its encoder
+        ray.train.report({**(trainer.evaluate() if rank0 else {}), "epoch": trainer.epoch, **run})
+        return
+    while trainer.epoch < epochs:
+        _maybe_fail(cfg, trainer.epoch + 1, loop_config["run_dir"])
+        metrics: dict[str, Any] = trainer.train_epoch()
+        last = trainer.epoch == epochs
+        save = last or trainer.epoch % cfg.training.checkpoint_every == 0
+        # A checkpoint is always scored by a fresh kNN: Ray ranks checkpoints by knn_top1.
+        if rank0 and (save or (every and trainer.epoch % every == 0)):
+            metrics.update(trainer.evaluate(linear=last and cfg.eval.linear_at_end))
+            run["best_knn_top1"] = max(run["best_knn_top1"], metrics["knn_top1"])
+        metrics.update(run)
+        if rank0:
+            print(format_metrics(metrics, epochs), flush=True)
+        _report(metrics, {**trainer.state_dict(), "run": run} if save and rank0 else None)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def run_location(cfg: Config) -> tuple[str, str]:
+    """(storage_path, name) of the run: ``scaling.storage_path/run_name`` or the output folder."""
+    if cfg.scaling.storage_path:
+        storage = cfg.scaling.storage_path
+        if "://" not in storage:
+            storage = str(Path(storage).expanduser().resolve())
+        return storage, cfg.run_name
+    out = cfg.output_dir.expanduser().resolve()
+    return str(out.parent), out.name
+
+
+def build_trainer(cfg: Config, storage_path: str, name: str) -> TorchTrainer:
+    scaling = cfg.scaling
+    resources: dict[str, float] = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1.0  # one whole GPU per worker: NCCL refuses two workers on one device
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(Path(storage_path) / name)},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        # ray.train.torch's stubs still name the V1 config types; V2 is what runs.
+        run_config=RunConfig(  # type: ignore[arg-type]
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=scaling.max_failures, controller_failure_limit=3),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.training.keep_checkpoints,
+                checkpoint_score_attribute="knn_top1",
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
+
+
+def check_resources(cfg: Config, available: dict[str, float]) -> None:
+    """Refuse at once what the cluster can never place, instead of a run pending forever."""
+    scaling = cfg.scaling
+    need = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        need["GPU"] = float(scaling.num_workers)
+    for kind, amount in need.items():
+        have = available.get(kind, 0.0)
+        if amount > have + 1e-9:
+            per = "scaling.cpus_per_worker" if kind == "CPU" else "one GPU per worker"
+            raise ConfigError(
+                f"scaling.num_workers={scaling.num_workers} needs {amount:g} {kind} "
+                f"({per}) but the Ray cluster has {have:g}"
+            )
+
+
+def check_storage(storage_path: str, name: str) -> None:
+    """A local run folder must be writable before training starts."""
+    if "://" in storage_path:
+        return  # remote storage (s3://, gs://, ...) is checked by Ray when the run starts
+    folder = Path(storage_path) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"scaling.storage_path: cannot write to {folder}: {exc.strerror}") from None
+
+
+def init_ray(num_cpus: int | None = None) -> bool:
+    """Join the cluster of RAY_ADDRESS, or start a private local one. True if started here."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus)
+    return True
+
+
+def best_checkpoint(result: Any) -> str | None:
+    """Path of the state file of the best reported checkpoint by knn_top1."""
+    scored = [(m.get("knn_top1", -math.inf), c) for c, m in (result.best_checkpoints or [])]
+    if not scored:
+        return None
+    _, checkpoint = max(scored, key=lambda pair: pair[0])
+    return str(Path(checkpoint.path) / STATE_FILE)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Workers run in another working directory: make the data root absolute first."""
+    if not cfg.data.root or "://" in cfg.data.root:
+        return cfg
+    raw = cfg.to_dict()
+    raw["data"]["root"] = str(Path(cfg.data.root).expanduser().resolve())
+    return config_from_dict(raw)
+
+
+def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``cfg`` with Ray Train; returns the final metrics and the best checkpoint's path.
+
+    Raises :class:`ConfigError` before anything starts for requests the cluster cannot
+    place and storage that cannot be written; a run that fails past its retries raises
+    Ray's ``TrainingFailedError``.
+    """
+    cfg = absolute_paths(cfg)
+    storage_path, name = run_location(cfg)
+    started = init_ray()
+    try:
+        check_resources(cfg, ray.cluster_resources())
+        check_storage(storage_path, name)
+        log(f"Ray Train: {cfg.scaling.num_workers} worker(s), run folder {Path(storage_path) / name}")
+        result = build_trainer(cfg, storage_path, name).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    metrics = dict(result.metrics or {})
+    summary = {key: metrics[key] for key in ("epoch", "loss", "knn_top1", "knn_top1_init") if key in metrics}
+    log("final: " + json.dumps(summary))
+    return {
+        **metrics,
+        "best_checkpoint": best_checkpoint(result),
+        "output_dir": str(Path(storage_path) / name),
+    }

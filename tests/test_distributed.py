@@ -1,0 +1,127 @@
+"""Two gloo worker processes on CPU compute the loss and gradients of one process.
+
+Each case builds the same method in both settings; the two workers each take half of
+one batch, synchronise BatchNorm, gather keys and average gradients through DDP. Method
+issues add their configs to CASES.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from raymix import dist
+from raymix.config import load_config
+from raymix.methods import build_method
+from raymix.models.syncbn import GlobalBatchNorm, convert_batchnorm
+
+TINY = ["data.image_size=16", "head.hidden_dim=32", "head.out_dim=16"]
+VIT = ["backbone.patch_size=8", "backbone.depth=1"]
+CASES = {
+    "moco-vit-momentum-queue": [*VIT, "method.momentum=0.99", "method.queue_size=16"],
+    "moco-vit-no-momentum": [*VIT, "method.momentum=null"],
+    "moco-resnet18": ["backbone.name=resnet18", "method.queue_size=16"],
+}
+WORLD, BATCH = 2, 8
+
+
+def _config(case: str):
+    return load_config(None, TINY + CASES[case])
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, 3, 16, 16, generator=g), torch.randn(BATCH, 3, 16, 16, generator=g)
+
+
+def _step(model, method, view1, view2):
+    """One forward and backward; returns (loss, grads by name, queue, bn running mean)."""
+    loss, _ = model(view1, view2)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+    running = {n: b.clone() for n, b in method.named_buffers() if n.endswith("running_mean")}
+    return loss.detach(), grads, method.queue.clone(), running
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Run every case on this rank's half of the batch; rank 0 saves what it saw."""
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        for case in CASES:
+            torch.manual_seed(0)
+            method = convert_batchnorm(build_method(_config(case)), torch.device("cpu"))
+            model = dist.data_parallel(method, torch.device("cpu"))
+            view1, view2 = _batch()
+            loss, grads, queue, running = _step(model, method, view1[rows], view2[rows])
+            loss = dist.all_reduce_mean(loss)  # the global mean over all rows
+            if rank == 0:
+                saved = {"loss": loss, "grads": grads, "queue": queue, "running": running}
+                torch.save(saved, f"{out_dir}/{case}.pt")
+        # gather_with_grad: d/dx_r of sum_w <gather(x), weight> is W * weight[rows of r].
+        x = torch.full((BATCH // WORLD, 3), float(rank + 1), requires_grad=True)
+        weight = torch.arange(BATCH * 3, dtype=torch.float32).view(BATCH, 3)
+        gathered = dist.gather_with_grad(x)
+        (gathered * weight).sum().backward()
+        torch.save({"gathered": gathered.detach(), "grad": x.grad}, f"{out_dir}/gather{rank}.pt")
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn")
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_workers_equal_one_process(two_workers: Path, case: str) -> None:
+    got = torch.load(two_workers / f"{case}.pt")
+    torch.manual_seed(0)
+    method = build_method(_config(case))
+    loss, grads, queue, running = _step(method, method, *_batch())
+
+    torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-5)
+    assert got["grads"].keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        # 1e-5 relative to the tensor's scale: float32 sums run in another order on two workers.
+        tolerance = 1e-5 * max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(got["grads"][name], grad, rtol=0, atol=tolerance, msg=name)
+    torch.testing.assert_close(got["queue"], queue, rtol=1e-5, atol=1e-6)
+    for name in running:
+        torch.testing.assert_close(got["running"][name], running[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gather_with_grad_routes_gradients_to_their_rank(two_workers: Path) -> None:
+    weight = torch.arange(BATCH * 3, dtype=torch.float32).view(BATCH, 3)
+    for rank in range(WORLD):
+        got = torch.load(two_workers / f"gather{rank}.pt")
+        expected = torch.cat([torch.full((BATCH // WORLD, 3), float(r + 1)) for r in range(WORLD)])
+        torch.testing.assert_close(got["gathered"], expected)
+        rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        torch.testing.assert_close(got["grad"], WORLD * weight[rows])
+
+
+def test_global_batchnorm_is_plain_batchnorm_in_one_process() -> None:
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(4)
+    converted = convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4)), torch.device("cpu"))
+    assert isinstance(converted[0], GlobalBatchNorm)
+    x = torch.randn(6, 4, 3, 3)
+    torch.testing.assert_close(converted(x), plain(x))
+
+
+def test_identity_helpers_without_a_process_group() -> None:
+    assert not torch_dist.is_initialized()
+    x = torch.randn(3, 2, requires_grad=True)
+    assert dist.rank() == 0 and dist.world_size() == 1
+    assert dist.gather_with_grad(x) is x
+    assert not dist.gather_no_grad(x).requires_grad
+    module = torch.nn.Linear(2, 2)
+    assert dist.data_parallel(module, torch.device("cpu")) is module
