@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the builds this project is tested with; pip takes them from its cache or index.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: quickstart test install lint clean
+.PHONY: quickstart test install lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,12 @@ test: install
 	$(BIN)/python -m pytest tests
 
 lint: install
-	$(BIN)/ruff check raymix tests
-	$(BIN)/ruff format --check raymix tests
+	$(BIN)/ruff check raymix tests benchmarks
+	$(BIN)/ruff format --check raymix tests benchmarks
 	$(BIN)/mypy raymix
+
+bench: install
+	$(BIN)/python benchmarks/train_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 
 from raymix.config import Config, ConfigError, load_config
+from raymix.engine.run import RunFailedError
 
 EXIT_BAD_INPUT = 2
 
@@ -139,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"raymix: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailedError as exc:
+        print(f"raymix: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("raymix: interrupted; the latest checkpoint is kept", file=sys.stderr)
         return 130

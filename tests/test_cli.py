@@ -126,3 +126,30 @@ def test_running_again_resumes_instead_of_restarting(digits_run, capsys):
     assert (out / "metrics.jsonl").read_text() == before
     assert main(["train", str(DIGITS), "training.epochs=6", "optim.lr=1", f"training.output_dir={out}"]) == 2
     assert "different config (optim.lr)" in capsys.readouterr().err
+
+
+def test_backend_choice(monkeypatch):
+    from raymix.cli import uses_ray
+    from raymix.config import load_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not uses_ray(load_config())
+    assert uses_ray(load_config(None, ["scaling.num_workers=2"]))
+    assert uses_ray(load_config(None, ["scaling.backend=ray"]))
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert uses_ray(load_config())
+    assert not uses_ray(load_config(None, ["scaling.backend=local"]))
+
+
+def test_local_backend_refuses_several_workers(capsys):
+    assert main(["train", str(DIGITS), "scaling.backend=local", "scaling.num_workers=2"]) == 2
+    assert "scaling.num_workers=2 needs scaling.backend=ray" in capsys.readouterr().err
+
+
+def test_diverging_run_exits_1_and_keeps_its_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["optim.lr=1e30", "optim.lr_scaling=none", "optim.warmup_epochs=0", "training.epochs=2"]
+    code = main(["train", str(DIGITS), f"training.output_dir={out}", "--no-progress", *args])
+    assert code == 1
+    assert "loss is not finite" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").exists()  # the initial evaluation is kept

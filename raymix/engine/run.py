@@ -33,6 +33,10 @@ RESUMABLE_CHANGES = (
 )
 
 
+class RunFailedError(RuntimeError):
+    """A run that stopped with an error (a non-finite loss, a failed worker group)."""
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -101,7 +105,10 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = Tru
 
     metrics: dict[str, Any] = {"epoch": trainer.epoch}
     while trainer.epoch < epochs:
-        metrics = trainer.train_epoch(progress=progress and cfg.training.progress)
+        try:
+            metrics = trainer.train_epoch(progress=progress and cfg.training.progress)
+        except FloatingPointError as exc:
+            raise RunFailedError(f"{exc}; the last checkpoint is kept in {ckpt_dir}") from exc
         last = trainer.epoch == epochs
         every = cfg.training.eval_every
         if last or (every and trainer.epoch % every == 0):

@@ -84,6 +84,7 @@ class Trainer:
         torch.manual_seed(seed * 1000 + rank + 1)
         self.epoch = 0
         self.step = 0
+        self.train_seconds = 0.0  # time spent in train_epoch over the whole run, resumes included
 
     # ------------------------------------------------------------------ training
 
@@ -127,6 +128,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss'].item():.4f}")  # a sync, only for display
         self.epoch += 1
         seconds = time.perf_counter() - start
+        self.train_seconds += seconds
         steps = max(self.steps_per_epoch, 1)
         metrics = {key: float(dist.all_reduce_mean(total)) / steps for key, total in sums.items()}
         if not torch.isfinite(torch.tensor(metrics.get("loss", 0.0))):
@@ -134,6 +136,7 @@ class Trainer:
         metrics["lr"] = self.schedules.lr(self.step - 1)  # the rate of the epoch's last step
         metrics["epoch"] = self.epoch
         metrics["epoch_seconds"] = seconds
+        metrics["train_seconds"] = self.train_seconds
         global_batch = self.train_loader.batch_size * self.world_size
         metrics["images_per_second"] = self.steps_per_epoch * global_batch / seconds
         return metrics
@@ -195,6 +198,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
+            "train_seconds": self.train_seconds,
             "rng": rng,
             "config": self.cfg.to_dict(),
         }
@@ -203,6 +207,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         self.generator.set_state(rng["augment"].cpu())

@@ -30,7 +30,7 @@ from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, 
 
 from raymix.config import Config, ConfigError, config_from_dict
 from raymix.engine.checkpoint import load_checkpoint, save_checkpoint
-from raymix.engine.run import format_metrics
+from raymix.engine.run import RunFailedError, format_metrics
 from raymix.engine.trainer import Trainer
 
 STATE_FILE = "state.pt"
@@ -209,7 +209,7 @@ def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     Raises :class:`ConfigError` before anything starts for requests the cluster cannot
     place and storage that cannot be written; a run that fails past its retries raises
-    Ray's ``TrainingFailedError``.
+    :class:`RunFailedError`.
     """
     cfg = absolute_paths(cfg)
     storage_path, name = run_location(cfg)
@@ -219,6 +219,8 @@ def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
         check_storage(storage_path, name)
         log(f"Ray Train: {cfg.scaling.num_workers} worker(s), run folder {Path(storage_path) / name}")
         result = build_trainer(cfg, storage_path, name).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise RunFailedError(f"training failed after {cfg.scaling.max_failures} restart(s): {exc}") from exc
     finally:
         if started:
             ray.shutdown()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 
+from raymix.cli import main
 from raymix.config import ConfigError, load_config
 from raymix.integrations import ray_train
 
@@ -39,7 +41,7 @@ def checkpoints(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("checkpoint_epoch_*"))
 
 
-def test_two_workers_train_keep_best_and_resume(local_ray, tmp_path):
+def test_two_workers_train_keep_best_and_resume(local_ray, tmp_path, capsys):
     cfg = tiny(tmp_path, "training.epochs=3", "training.keep_checkpoints=1")
     result = ray_train.run(cfg, log=lambda _: None)
     assert result["epoch"] == 3 and 0.0 <= result["knn_top1"] <= 1.0
@@ -51,6 +53,13 @@ def test_two_workers_train_keep_best_and_resume(local_ray, tmp_path):
         max(best["run"]["best_knn_top1"], result["knn_top1"])
     )
     assert Path(result["best_checkpoint"]).parent.name in kept
+    # raymix eval takes a Ray checkpoint folder and reproduces its kNN score.
+    capsys.readouterr()
+    assert main(["eval", str(run_dir / "checkpoint_epoch_0003")]) == 0
+    out = capsys.readouterr().out  # Ray may still forward worker lines: pick the JSON out
+    start = out.index('{\n  "epoch"')
+    metrics = json.loads(out[start : out.index("\n}", start) + 2])
+    assert metrics["knn_top1"] == pytest.approx(result["knn_top1"])
 
     # The same run again: restored from its latest checkpoint, nothing retrained.
     again = ray_train.run(cfg, log=lambda _: None)
