@@ -300,10 +300,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each dotted override set (sections created as needed)."""
+    """Return a copy of ``raw`` with each ``key=value`` override set."""
+    return apply_values(raw, dict(parse_override(text) for text in overrides))
+
+
+def apply_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each dotted key set to its value (sections created as needed)."""
     out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw)) or {}
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in values.items():
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
