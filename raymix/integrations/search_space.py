@@ -27,12 +27,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from raymix.config import (
     METHOD_CONFIGS,
     Config,
     ConfigError,
+    Section,
     apply_values,
     config_from_dict,
     read_yaml,
@@ -41,11 +42,7 @@ from raymix.config import (
 Value = Any  # a number, string, boolean, null, or a list of them (e.g. a crop range)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Param(_Strict):
+class Param(Section):
     """One distribution, in Optuna's words."""
 
     type: Literal["float", "int", "categorical"]
@@ -88,21 +85,21 @@ class Param(_Strict):
         return [cast(self.low), cast(self.high)]
 
 
-class Scheduler(_Strict):
+class Scheduler(Section):
     type: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
     max_t: int | None = Field(None, ge=1, description="null: the base config's training.epochs")
 
 
-class Searcher(_Strict):
+class Searcher(Section):
     type: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     multivariate: bool = True
     n_startup_trials: int = Field(10, ge=0)
 
 
-class SearchSpace(_Strict):
+class SearchSpace(Section):
     base: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     metric: str = "knn_top1"

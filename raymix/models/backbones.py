@@ -8,7 +8,6 @@ stride-1 convolution and no max-pool) and return the globally pooled feature.
 from __future__ import annotations
 
 import timm
-import torch
 from torch import nn
 
 from raymix.config import BackboneConfig
@@ -54,8 +53,3 @@ def build_backbone(cfg: BackboneConfig, image_size: int) -> nn.Module:
 
 def feature_dim(backbone: nn.Module) -> int:
     return int(backbone.num_features)  # type: ignore[arg-type]
-
-
-@torch.no_grad()
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
