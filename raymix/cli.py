@@ -78,6 +78,32 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE",
         help="overrides of the saved config, e.g. data.root=/data training.device=cpu eval.knn_k=[10]",
     )  # fmt: skip
+    tune = sub.add_parser(
+        "tune",
+        help="search hyperparameters with Ray Tune, Optuna and ASHA",
+        description="Run the sweep described by SPACE (see search_spaces/): one trial per sampled "
+        "point, recorded in MLflow. The sweep folder is <storage_path>/<name> (default sweeps/<file stem>).",
+        epilog=keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_argument("space", metavar="SPACE", help="search space YAML file")
+    tune.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of the base config, e.g. training.epochs=4",
+    )
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    tune.add_argument("--name", help="sweep name (default: the space's name, else the file's stem)")
+
+    best = sub.add_parser(
+        "best",
+        help="print a sweep's leaderboard and write its best config",
+        description="Rank the trials of SWEEP (a sweep folder) and write the best trial's config as a "
+        "YAML file that raymix train accepts.",
+    )
+    best.add_argument("sweep", metavar="SWEEP", help="sweep folder, e.g. sweeps/quickstart")
+    best.add_argument("--out", help="where to write the config (default: SWEEP/best_config.yaml)")
     return parser
 
 
@@ -127,6 +153,42 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from raymix.integrations.sweep import run_sweep
+
+    board = run_sweep(args.space, args.overrides, name=args.name, resume=args.resume)
+    best = board.best_row()
+    unfinished = [row for row in board.rows if row.outcome not in ("completed", "pruned", "failed")]
+    if unfinished:
+        print(f"{len(unfinished)} trial(s) unfinished: continue with raymix tune {args.space} --resume")
+        return 1
+    if best is None:
+        print("no trial reported the metric: every trial failed", file=sys.stderr)
+        return 1
+    print(
+        f"best: trial {best.trial_id} {board.metric} {best.last:.4f}; config in {board.path}/best_config.yaml"
+    )
+    return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    import yaml
+
+    from raymix.integrations import leaderboard
+
+    folder = Path(args.sweep)
+    if not (folder / "space.yaml").is_file():
+        raise ConfigError(f"{args.sweep!r} is not a sweep folder (no space.yaml); e.g. sweeps/quickstart")
+    board = leaderboard.load(str(folder.resolve()))
+    print(board.format())
+    if board.best_row() is None:
+        raise ConfigError(f"{args.sweep}: no trial has reported {board.metric} yet")
+    out = Path(args.out) if args.out else folder / leaderboard.BEST_CONFIG_FILE
+    out.write_text(yaml.safe_dump(board.best_config(), sort_keys=False))
+    print(f"best config written to {out}: raymix train {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after flags: collect the ones argparse left over.
@@ -136,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
-        return {"train": _train, "eval": _eval}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "tune": _tune, "best": _best}
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"raymix: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

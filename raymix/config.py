@@ -149,8 +149,10 @@ class EvalConfig(Section):
 
 
 class TrackingConfig(Section):
-    enabled: bool = False
-    uri: str | None = Field(None, description="null: sqlite:///<abs>/mlflow.db")
+    enabled: bool = Field(True, description="sweeps: record the sweep and every trial in MLflow")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins; null: sqlite:///mlflow.db here"
+    )
     experiment: str = "raymix"
 
 

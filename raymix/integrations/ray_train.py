@@ -18,7 +18,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +30,23 @@ from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, 
 
 from raymix.config import Config, ConfigError, config_from_dict
 from raymix.engine.checkpoint import load_checkpoint, save_checkpoint
-from raymix.engine.run import RunFailedError, format_metrics
+from raymix.engine.loop import train_loop
+from raymix.engine.run import RunFailedError
 from raymix.engine.trainer import Trainer
 
 STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
 
 
 # ---------------------------------------------------------------- the worker
 
 
-def _restore(trainer: Trainer) -> dict[str, Any] | None:
+def _restore(device: Any) -> dict[str, Any] | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        state = load_checkpoint(Path(folder) / STATE_FILE, map_location=trainer.device)
-    trainer.load_state_dict(state)
-    return dict(state["run"])
+        return load_checkpoint(Path(folder) / STATE_FILE, map_location=device)
 
 
 def _maybe_fail(cfg: Config, epoch: int, run_dir: str) -> None:
@@ -63,13 +63,19 @@ def _maybe_fail(cfg: Config, epoch: int, run_dir: str) -> None:
     os._exit(1)  # an abrupt death, as a crashed or preempted worker
 
 
+def write_checkpoint(state: dict[str, Any], metrics: dict[str, Any], folder: str | Path) -> None:
+    """A checkpoint folder: ``state.pt`` and the reported metrics beside it (read by trackers)."""
+    save_checkpoint(state, Path(folder) / STATE_FILE)
+    (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, default=float))
+
+
 def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
     if state is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(state, Path(folder) / STATE_FILE)
+        write_checkpoint(state, metrics, folder)
         checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{state['epoch']:04d}"
@@ -81,29 +87,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     trainer = Trainer(cfg, device=ray.train.torch.get_device())
-    run = _restore(trainer)
-    if run is None:
-        run = {
-            "knn_top1_init": trainer.evaluate()["knn_top1"] if rank0 else math.nan,
-            "best_knn_top1": -math.inf,
-        }
-    epochs, every = cfg.training.epochs, cfg.training.eval_every
-    if trainer.epoch >= epochs:  # a finished run started again: report its encoder
-        ray.train.report({**(trainer.evaluate() if rank0 else {}), "epoch": trainer.epoch, **run})
-        return
-    while trainer.epoch < epochs:
-        _maybe_fail(cfg, trainer.epoch + 1, loop_config["run_dir"])
-        metrics: dict[str, Any] = trainer.train_epoch()
-        last = trainer.epoch == epochs
-        save = last or trainer.epoch % cfg.training.checkpoint_every == 0
-        # A checkpoint is always scored by a fresh kNN: Ray ranks checkpoints by knn_top1.
-        if rank0 and (save or (every and trainer.epoch % every == 0)):
-            metrics.update(trainer.evaluate(linear=last and cfg.eval.linear_at_end))
-            run["best_knn_top1"] = max(run["best_knn_top1"], metrics["knn_top1"])
-        metrics.update(run)
-        if rank0:
-            print(format_metrics(metrics, epochs), flush=True)
-        _report(metrics, {**trainer.state_dict(), "run": run} if save and rank0 else None)
+    train_loop(
+        trainer,
+        _restore(trainer.device),
+        _report,
+        rank0=rank0,
+        before_epoch=lambda epoch: _maybe_fail(cfg, epoch, loop_config["run_dir"]),
+    )
 
 
 # ---------------------------------------------------------------- the driver
@@ -120,7 +110,15 @@ def run_location(cfg: Config) -> tuple[str, str]:
     return str(out.parent), out.name
 
 
-def build_trainer(cfg: Config, storage_path: str, name: str) -> TorchTrainer:
+def build_trainer(
+    cfg: Config,
+    storage_path: str,
+    name: str,
+    *,
+    callbacks: Sequence[Any] = (),
+    score: tuple[str, str] = ("knn_top1", "max"),
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of one run; ``score`` ranks the checkpoints Ray keeps."""
     scaling = cfg.scaling
     resources: dict[str, float] = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -136,11 +134,12 @@ def build_trainer(cfg: Config, storage_path: str, name: str) -> TorchTrainer:
         run_config=RunConfig(  # type: ignore[arg-type]
             name=name,
             storage_path=storage_path,
+            callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=scaling.max_failures, controller_failure_limit=3),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.training.keep_checkpoints,
-                checkpoint_score_attribute="knn_top1",
-                checkpoint_score_order="max",
+                checkpoint_score_attribute=score[0],
+                checkpoint_score_order=score[1],  # type: ignore[arg-type]
             ),
         ),
     )

@@ -24,6 +24,7 @@ key. Sampling (:func:`sample`) talks to any object with Optuna's ``suggest_*`` m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -34,6 +35,7 @@ from raymix.config import (
     Config,
     ConfigError,
     Section,
+    apply_overrides,
     apply_values,
     config_from_dict,
     read_yaml,
@@ -100,6 +102,10 @@ class Searcher(Section):
 
 
 class SearchSpace(Section):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="null: the file's stem")
+    storage_path: str | None = Field(
+        None, description="sweep folders go here (a path or URI); null: ./sweeps"
+    )
     base: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     metric: str = "knn_top1"
@@ -107,6 +113,10 @@ class SearchSpace(Section):
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1, description="null: what the cluster can hold")
     max_failures: int = Field(0, ge=0, description="retries of a failed trial")
+    gpus_per_trial: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="single-worker GPU trials: the share of one GPU each takes (< 1 lets trials share)",
+    )  # fmt: skip
     scheduler: Scheduler = Scheduler()
     searcher: Searcher = Searcher()
     points_to_evaluate: list[dict[str, Value]] = Field(default_factory=list)
@@ -179,9 +189,16 @@ def config_for(base: dict[str, Any], point: dict[str, Value]) -> Config:
     return config_from_dict(raw)
 
 
-def load_search_space(path: str | Path) -> tuple[SearchSpace, dict[str, Any]]:
-    """Read and check a space file; returns the space and its base config as a dict."""
+def load_search_space(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[SearchSpace, dict[str, Any]]:
+    """Read and check a space file; returns the space and its base config as a dict.
+
+    ``overrides`` (``key=value``) refine the base config after the file's own overrides.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise SearchSpaceError(f"search space {str(path)!r} does not exist")
     raw = read_yaml(path)
     try:
         space = SearchSpace.model_validate(raw)
@@ -191,7 +208,7 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, dict[str, Any]]:
         raise SearchSpaceError(
             f"{path.name}: {where}: {first['msg'].removeprefix('Value error, ')}"
         ) from None
-    base = _base_dict(space, path.parent)
+    base = apply_overrides(_base_dict(space, path.parent), overrides or [])
     check(space, base, path.name)
     return space, base
 
@@ -208,6 +225,11 @@ def check(space: SearchSpace, base: dict[str, Any], label: str = "search space")
     if space.metric not in reported_metrics(cfg):
         allowed = ", ".join(sorted(reported_metrics(cfg)))
         raise SearchSpaceError(f"{label}: metric {space.metric!r} is never reported; allowed: {allowed}")
+    if space.gpus_per_trial < 1 and cfg.scaling.num_workers > 1:
+        raise SearchSpaceError(
+            f"{label}: gpus_per_trial={space.gpus_per_trial:g} needs scaling.num_workers=1; "
+            "workers of one trial each take a whole GPU"
+        )
     methods = space.params.get("method.name")
     names = methods.corners() if methods else [cfg.method.name]
     for key, param in space.params.items():
@@ -233,9 +255,42 @@ def _validate(base: dict[str, Any], point: dict[str, Value], where: str) -> None
 
 # ---------------------------------------------------------------- sampling
 
+# Optuna's categorical choices are scalars; a list choice (e.g. a crop range) travels as JSON.
+
+
+def _scalar(value: Value) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def encoded_choices(param: Param) -> list[Value]:
+    return [c if _scalar(c) else json.dumps(c) for c in param.choices or []]
+
+
+def encode_point(space: SearchSpace, point: dict[str, Value]) -> dict[str, Value]:
+    """A point as the searcher sees it (list choices as JSON strings)."""
+    out = dict(point)
+    for key, value in point.items():
+        param = space.params.get(key)
+        if param is not None and param.type == "categorical" and not _scalar(value):
+            out[key] = json.dumps(value)
+    return out
+
+
+def decode_point(space: SearchSpace, point: dict[str, Value]) -> dict[str, Value]:
+    """The inverse of :func:`encode_point`: config values."""
+    out = dict(point)
+    for key, value in point.items():
+        param = space.params.get(key)
+        if param is not None and param.type == "categorical" and value not in (param.choices or []):
+            out[key] = json.loads(value)
+    return out
+
 
 def sample(trial: Suggester, space: SearchSpace, base: dict[str, Any]) -> dict[str, Value]:
-    """Draw one point, define-by-run: ``method.name`` first, then the keys that apply to it."""
+    """Draw one point, define-by-run: ``method.name`` first, then the keys that apply to it.
+
+    The point is in the searcher's encoding: pass it through :func:`decode_point`.
+    """
     point: dict[str, Value] = {}
     ordered = sorted(space.params, key=lambda k: k != "method.name")
     for key in ordered:
@@ -243,7 +298,7 @@ def sample(trial: Suggester, space: SearchSpace, base: dict[str, Any]) -> dict[s
             continue
         p = space.params[key]
         if p.type == "categorical":
-            point[key] = trial.suggest_categorical(key, p.choices)
+            point[key] = trial.suggest_categorical(key, encoded_choices(p))
         elif p.type == "int":
             assert p.low is not None and p.high is not None
             point[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)

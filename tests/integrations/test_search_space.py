@@ -12,6 +12,8 @@ from raymix.integrations.search_space import (
     SearchSpaceError,
     applies,
     config_for,
+    decode_point,
+    encode_point,
     load_search_space,
     sample,
 )
@@ -43,7 +45,10 @@ def test_every_shipped_space_loads_and_samples_valid_configs(path: Path):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         trial = study.ask()
-        point = sample(trial, space, base)
+        encoded = sample(trial, space, base)
+        assert all(v is None or isinstance(v, bool | int | float | str) for v in encoded.values())
+        point = decode_point(space, encoded)
+        assert encode_point(space, point) == encoded
         assert set(point) == set(space.params)
         cfg = config_for(base, point)
         for key, value in point.items():

@@ -1,0 +1,307 @@
+"""MLflow records of a sweep, written only by the driver process.
+
+One parent run per sweep (the space, its base config and the searcher settings as params;
+at the end the leaderboard, the best config and Optuna's plots as artifacts) and one child
+run per trial nested under it (the trial's resolved config flattened into params and as
+``config.yaml``, every reported metric with ``step = epoch``, its best and last checkpoint,
+and a status: FINISHED for completed trials, KILLED for trials ASHA stopped early, FAILED
+with the error for trials that failed). Trials report to Tune; :class:`TrialRecorder`, a
+Tune callback in the driver, turns the reports into MLflow writes, so a SQLite store never
+sees two writers and workers on other nodes need no access to it.
+
+A resumed sweep finds its parent and children again by tags (``raymix.sweep``,
+``raymix.trial_id``) and logs only epochs that are not recorded yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.fs
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from raymix.config import ConfigError
+from raymix.engine.run import _flatten
+from raymix.integrations.leaderboard import Board, trial_error
+from raymix.integrations.ray_train import METRICS_FILE
+from raymix.integrations.search_space import config_for, decode_point
+
+if TYPE_CHECKING:
+    from raymix.integrations.sweep import Sweep
+
+SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "raymix.sweep", "raymix.trial_id", "mlflow.parentRunId"
+BATCH = 100  # MLflow takes at most 100 params per batch
+# Keys Tune adds to every result: bookkeeping, not measurements.
+TUNE_KEYS = {
+    "done", "training_iteration", "trial_id", "timestamp", "time_this_iter_s", "time_total_s",
+    "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
+    "checkpoint_dir_name", "should_checkpoint",
+}  # fmt: skip
+
+
+def tracking_uri(configured: str | None) -> str:
+    """``MLFLOW_TRACKING_URI``, else the config's, else ``sqlite:///mlflow.db`` here; made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).expanduser().resolve())
+    return uri
+
+
+def _params(values: dict[str, Any]) -> list[Param]:
+    return [
+        Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)[:6000]) for k, v in values.items()
+    ]
+
+
+def _log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
+    params = _params(values)
+    for i in range(0, len(params), BATCH):
+        client.log_batch(run_id, params=params[i : i + BATCH])
+
+
+def _experiment(client: MlflowClient, name: str, uri: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the working directory
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
+    """The sweep's parent run (found again on resume) and the callback that records trials.
+
+    Raises :class:`ConfigError` when the tracking store cannot be reached, before any trial.
+    """
+    settings = sweep.config.tracking
+    if not settings.enabled:
+        return None
+    uri = tracking_uri(settings.uri)
+    client = MlflowClient(uri)
+    try:
+        experiment_id = _experiment(client, settings.experiment, uri)
+        found = (
+            client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep.path}'", max_results=1)
+            if resume
+            else []
+        )
+        if found:
+            parent_id = found[0].info.run_id
+        else:
+            run = client.create_run(experiment_id, run_name=sweep.name, tags={SWEEP_TAG: sweep.path})
+            parent_id = run.info.run_id
+            space = sweep.space.model_dump(mode="json")
+            _log_params(
+                client,
+                parent_id,
+                {
+                    "space.file": sweep.source,
+                    "space.folder": sweep.path,
+                    **_flatten({k: v for k, v in space.items() if k != "params"}, "space."),
+                    "space.params": space["params"],
+                    **_flatten(sweep.base, "base."),
+                },
+            )
+            client.log_artifact(parent_id, sweep.source, "space")
+            client.log_text(
+                parent_id, yaml.safe_dump(sweep.resolved(), sort_keys=False), "space/resolved.yaml"
+            )
+    except (MlflowException, OSError) as exc:
+        raise ConfigError(f"tracking.uri {uri}: the MLflow tracking store cannot be used: {exc}") from None
+    return TrialRecorder(
+        uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_id,
+        sweep=sweep.resolved(),
+        train_root=f"{sweep.path}/train",
+        sweep_name=sweep.name,
+    )
+
+
+def close_sweep(recorder: TrialRecorder | None, board: Board, outputs: Path) -> None:
+    """Attach the leaderboard, best config and plots; close the parent unless trials are left."""
+    if recorder is None:
+        return
+    client, parent = recorder.client, recorder.parent_run_id
+    client.log_artifacts(parent, str(outputs))
+    counts: dict[str, int] = {}
+    for row in board.rows:
+        counts[row.outcome] = counts.get(row.outcome, 0) + 1
+    client.log_batch(parent, tags=[RunTag(f"raymix.trials.{k}", str(v)) for k, v in counts.items()])
+    best = board.best_row()
+    if best is not None:
+        client.log_metric(parent, f"best_{board.metric}", best.last)
+        client.set_tag(parent, "raymix.best_trial", best.trial_id)
+    unfinished = set(counts) - {"completed", "pruned", "failed"}
+    if not unfinished:
+        client.set_terminated(parent, "FINISHED")
+
+
+def _fs(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    if "://" in location:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), location
+
+
+def checkpoints(roots: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(folder, reported metrics) of every checkpoint under the given trial folders."""
+    found = []
+    for root in roots:
+        fs, path = _fs(root)
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            continue
+        for info in infos:
+            if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+                continue
+            try:
+                with fs.open_input_stream(f"{info.path}/{METRICS_FILE}") as f:
+                    metrics = json.loads(bytes(f.read()).decode())
+            except (OSError, ValueError):
+                continue
+            prefix = root[: len(root) - len(path)] if "://" in root else ""
+            found.append((prefix + info.path, metrics))
+    return found
+
+
+class TrialRecorder(Callback):
+    """A Tune callback in the driver that mirrors every trial into an MLflow child run."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        sweep: dict[str, Any],
+        train_root: str,
+        sweep_name: str,
+    ) -> None:
+        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.sweep, self.train_root, self.sweep_name = sweep, train_root, sweep_name
+        self.epochs = config_for(sweep["base"], {}).training.epochs
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}  # trial_id -> run_id
+        self._epochs: dict[str, int] = {}  # trial_id -> last epoch recorded
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its state
+        return {**self.__dict__, "_client": None, "_runs": {}, "_epochs": {}}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    @property
+    def metric(self) -> str:
+        return str(self.sweep["space"]["metric"])
+
+    # ------------------------------------------------------------ runs
+
+    def _run(self, trial: Any) -> str:
+        trial_id = trial.trial_id
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        query = f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
+        found = self.client.search_runs([self.experiment_id], query, max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self._epochs[trial_id] = int(found[0].data.metrics.get("epoch", 0))
+        else:
+            run_id = self._create(trial)
+            self._epochs[trial_id] = 0
+        self._runs[trial_id] = run_id
+        return run_id
+
+    def _create(self, trial: Any) -> str:
+        from raymix.integrations.search_space import SearchSpace
+
+        space = SearchSpace.model_validate(self.sweep["space"])
+        point = decode_point(space, dict(trial.config))
+        cfg = config_for(self.sweep["base"], point)
+        tags = {
+            PARENT_TAG: self.parent_run_id,
+            TRIAL_TAG: trial.trial_id,
+            "raymix.sampled": json.dumps(point),
+        }
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{self.sweep_name}-{trial.trial_id}", tags=tags
+        )
+        run_id = run.info.run_id
+        _log_params(self.client, run_id, _flatten(cfg.to_dict()))
+        self.client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        return run_id
+
+    def _finish(self, trial: Any, status: str, tags: dict[str, str]) -> None:
+        run_id = self._run(trial)
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            return  # closed before the driver was restarted
+        self._log_checkpoints(trial, run_id)
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status)
+
+    def _log_checkpoints(self, trial: Any, run_id: str) -> None:
+        found = checkpoints([str(trial.path), f"{self.train_root}/{trial.trial_id}"])
+        scored = [(f, m) for f, m in found if isinstance(m.get(self.metric), int | float)]
+        if not found:
+            return
+        sign = 1.0 if self.sweep["space"]["mode"] == "max" else -1.0
+        last = max(found, key=lambda fm: fm[1].get("epoch", 0))[0]
+        best = max(scored, key=lambda fm: sign * fm[1][self.metric])[0] if scored else last
+        for name, folder in (("best", best), ("last", last)):
+            if "://" in folder:
+                with tempfile.TemporaryDirectory() as tmp:
+                    fs, path = _fs(folder)
+                    pyarrow.fs.copy_files(path, tmp, source_filesystem=fs)
+                    self.client.log_artifacts(run_id, tmp, f"checkpoints/{name}")
+            else:
+                self.client.log_artifacts(run_id, folder, f"checkpoints/{name}")
+        self.client.set_tag(run_id, "raymix.best_checkpoint_epoch", str(dict(found)[best].get("epoch")))
+
+    # ------------------------------------------------------------ Tune's hooks
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._run(trial)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any
+    ) -> None:
+        run_id = self._run(trial)
+        epoch = int(result.get("epoch", 0))
+        if epoch <= self._epochs.get(trial.trial_id, 0):
+            return  # recorded before the driver was restarted
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, epoch)
+            for key, value in result.items()
+            if key not in TUNE_KEYS and isinstance(value, int | float) and not isinstance(value, bool)
+            and not (isinstance(value, float) and math.isinf(value))
+        ]  # fmt: skip
+        self.client.log_batch(run_id, metrics=metrics)
+        self._epochs[trial.trial_id] = epoch
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        done = self._epochs.get(trial.trial_id, 0) >= self.epochs
+        self._finish(
+            trial, "FINISHED" if done else "KILLED", {"raymix.outcome": "completed" if done else "pruned"}
+        )
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.client.set_tag(self._run(trial), "raymix.last_retry_error", trial_error(trial))
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._finish(trial, "FAILED", {"raymix.outcome": "failed", "raymix.error": trial_error(trial)})
