@@ -1,4 +1,4 @@
-# Two commands: `make quickstart` (set up, then train on the bundled digits) and `make test`.
+# Two commands: `make quickstart` (set up, then run the quickstart sweep on the bundled digits) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 quickstart: install
-	$(BIN)/raymix train launch/experiments/digits.yaml
+	$(BIN)/raymix tune search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(BIN)/python -m pytest tests
@@ -33,4 +33,4 @@ bench: install
 	$(BIN)/python benchmarks/train_overhead.py
 
 clean:
-	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf runs sweeps mlflow.db mlartifacts .pytest_cache .mypy_cache .ruff_cache
