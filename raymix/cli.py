@@ -177,8 +177,8 @@ def _best(args: argparse.Namespace) -> int:
     from raymix.integrations import leaderboard
 
     folder = Path(args.sweep)
-    if not (folder / "space.yaml").is_file():
-        raise ConfigError(f"{args.sweep!r} is not a sweep folder (no space.yaml); e.g. sweeps/quickstart")
+    if not leaderboard.is_sweep(folder):
+        raise ConfigError(f"{args.sweep!r} is not a sweep folder written by raymix tune (e.g. sweeps/NAME)")
     board = leaderboard.load(str(folder.resolve()))
     print(board.format())
     if board.best_row() is None:

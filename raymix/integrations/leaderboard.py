@@ -27,6 +27,7 @@ from raymix.integrations.search_space import (
     encoded_choices,
 )
 
+SWEEP_FILE = "sweep.yaml"  # the resolved space and base config a sweep started with
 LEADERBOARD_FILE = "leaderboard.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
 PLOTS = ("optimization_history", "parallel_coordinate", "param_importances")
@@ -164,9 +165,14 @@ def trial_error(trial: Any) -> str:
     return lines[-1][:500] if lines else ""
 
 
+def is_sweep(folder: Path) -> bool:
+    """A local folder that ``raymix tune`` started: its saved space and Tune's state."""
+    return (folder / SWEEP_FILE).is_file() and any(folder.glob("experiment_state-*.json"))
+
+
 def load(sweep_path: str) -> Board:
     """Read a sweep folder (finished or interrupted) into a :class:`Board`."""
-    saved = yaml.safe_load(read_text(f"{sweep_path.rstrip('/')}/space.yaml"))
+    saved = yaml.safe_load(read_text(f"{sweep_path.rstrip('/')}/{SWEEP_FILE}"))
     space = SearchSpace.model_validate(saved["space"])
     base = saved["base"]
     planned = config_for(base, {}).training.epochs

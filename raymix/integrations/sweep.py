@@ -11,7 +11,7 @@
   Tune's report callback, one whole GPU per worker when ``scaling.use_gpu``.
 
 Sweep folder ``<storage_path>/<name>``: Tune's experiment state, one folder per trial
-(with its checkpoints), ``train/<trial_id>`` for Ray Train trials, ``space.yaml`` (the
+(with its checkpoints), ``train/<trial_id>`` for Ray Train trials, ``sweep.yaml`` (the
 resolved space and base config, compared on ``--resume``), ``leaderboard.csv`` and plots.
 All MLflow writes happen here, in the driver (:mod:`raymix.integrations.tracking`).
 """
@@ -51,7 +51,6 @@ from raymix.integrations.search_space import (
     sample,
 )
 
-SPACE_FILE = "space.yaml"
 TRAIN_FOLDER = "train"
 TRIAL_DRIVER_CPU = 0.01  # the Tune process of a Ray Train trial only waits; Tune refuses 0
 
@@ -74,7 +73,7 @@ class Sweep:
         return config_for(self.base, {})
 
     def resolved(self) -> dict[str, Any]:
-        """What defines the sweep: the space and its base config (saved as ``space.yaml``)."""
+        """What defines the sweep: the space and its base config (saved as ``sweep.yaml``)."""
         return {"space": self.space.model_dump(mode="json"), "base": self.base}
 
 
@@ -254,7 +253,7 @@ def _check_resume(sweep: Sweep, resume: bool) -> None:
     if resume and not exists:
         raise SearchSpaceError(f"--resume: there is no sweep to continue at {sweep.path}")
     if resume:
-        saved = yaml.safe_load(leaderboard.read_text(f"{sweep.path}/{SPACE_FILE}"))
+        saved = yaml.safe_load(leaderboard.read_text(f"{sweep.path}/{leaderboard.SWEEP_FILE}"))
         changed = config_changes(saved, sweep.resolved())
         if changed:
             raise SearchSpaceError(
@@ -285,7 +284,7 @@ def run_sweep(
         ray_train.check_storage(sweep.storage_path, sweep.name)
         if not resume:
             leaderboard.write_text(
-                f"{sweep.path}/{SPACE_FILE}", yaml.safe_dump(sweep.resolved(), sort_keys=False)
+                f"{sweep.path}/{leaderboard.SWEEP_FILE}", yaml.safe_dump(sweep.resolved(), sort_keys=False)
             )
         recorder = tracking.open_sweep(sweep, resume=resume)
         where = f"MLflow {recorder.uri} (parent run {recorder.parent_run_id})" if recorder else "no MLflow"

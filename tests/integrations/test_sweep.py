@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -66,7 +67,9 @@ def mlflow_runs(uri: str) -> tuple[MlflowClient, object, list]:
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert len(parents) == 1 and all(
+        r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children
+    )
     return client, parents[0], children
 
 
@@ -84,7 +87,7 @@ def tracking(tmp_path, monkeypatch):
     return uri
 
 
-def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp_path):
+def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp_path, capsys):
     path = write_space(
         tmp_path,
         num_samples=4,
@@ -109,7 +112,9 @@ def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp
     # MLflow: the parent with the space and the outputs; one child per trial, closed right.
     client, parent, children = mlflow_runs(tracking)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["space.num_samples"] == "4" and parent.data.params["base.training.epochs"] == "3"
+    assert (
+        parent.data.params["space.num_samples"] == "4" and parent.data.params["base.training.epochs"] == "3"
+    )
     outputs = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.csv", "best_config.yaml", "plots", "space"} <= outputs
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
@@ -120,7 +125,9 @@ def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp
     }
     for run in children:
         trial = run.data.tags["raymix.trial_id"]
-        assert run.data.params["training.epochs"] == "3" and run.data.tags["raymix.outcome"] == outcomes[trial]
+        assert (
+            run.data.params["training.epochs"] == "3" and run.data.tags["raymix.outcome"] == outcomes[trial]
+        )
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
         if outcomes[trial] == "failed":
             assert "not finite" in run.data.tags["raymix.error"]
@@ -133,6 +140,22 @@ def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp
             files = {a.path for a in client.list_artifacts(run.info.run_id, f"checkpoints/{kind}")}
             assert f"checkpoints/{kind}/state.pt" in files
 
+    # raymix best: the leaderboard, and the winner's config as a file raymix train accepts.
+    folder = tmp_path / "sweeps" / "space"
+    out = tmp_path / "best.yaml"
+    capsys.readouterr()
+    assert main(["best", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    best = board.best_row()
+    assert best is not None and best.trial_id in printed[1] and "failed" in printed[4]
+    cfg = load_config(out)
+    assert cfg.optim.lr == pytest.approx(best.point["optim.lr"])
+    assert list(cfg.augment.crop_scale) == best.point["augment.crop_scale"]
+    assert cfg.training.epochs == 3 and cfg.backbone.depth == 1
+    assert (folder / "leaderboard.csv").read_text().splitlines()[1].split(",")[1] == best.trial_id
+    assert main(["best", str(tmp_path)]) == 2  # not a sweep folder
+    assert "not a sweep folder" in capsys.readouterr().err
+
 
 def test_max_t_below_epochs_stops_every_trial_early(local_ray, tracking, tmp_path):
     path = write_space(tmp_path, num_samples=2, scheduler={"type": "asha", "max_t": 1})
@@ -143,26 +166,9 @@ def test_max_t_below_epochs_stops_every_trial_early(local_ray, tracking, tmp_pat
     assert sorted(r.info.status for r in children) == ["KILLED", "KILLED"]
 
 
-def test_best_writes_a_config_that_train_accepts(local_ray, tracking, tmp_path, capsys):
-    path = write_space(tmp_path, num_samples=2)
-    board = sweep.run_sweep(path, log=lambda _: None)
-    folder = tmp_path / "sweeps" / "space"
-    out = tmp_path / "best.yaml"
-    capsys.readouterr()
-    assert main(["best", str(folder), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    best = board.best_row()
-    assert best is not None and best.trial_id in printed.splitlines()[1]
-    cfg = load_config(out)
-    assert cfg.optim.lr == pytest.approx(best.point["optim.lr"])
-    assert list(cfg.augment.crop_scale) == best.point["augment.crop_scale"]
-    assert cfg.training.epochs == 2 and cfg.backbone.depth == 1
-    # The sweep folder holds the same outputs.
-    assert (folder / "leaderboard.csv").read_text().splitlines()[1].split(",")[1] == best.trial_id
-    assert (folder / "best_config.yaml").is_file()
-
-
-def test_an_existing_sweep_needs_resume_and_a_missing_one_cannot_resume(local_ray, tracking, tmp_path, capsys):
+def test_an_existing_sweep_needs_resume_and_a_missing_one_cannot_resume(
+    local_ray, tracking, tmp_path, capsys
+):
     path = write_space(tmp_path, num_samples=1, overrides={**TINY, "training.epochs": 1})
     assert main(["tune", str(path), "--resume"]) == 2
     assert "no sweep to continue" in capsys.readouterr().err
@@ -249,9 +255,27 @@ def _alive_in_session(sid: int) -> list[int]:
     return alive
 
 
+def _finished_trials(db: Path) -> list[str]:
+    """Run ids of finished trial runs, read straight from SQLite: an MLflow client here would
+    race the driver's creation of the database."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            rows = conn.execute(
+                "select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid "
+                "where r.status = 'FINISHED' and t.key = 'raymix.trial_id'"
+            ).fetchall()
+    except sqlite3.Error:  # tables not created yet
+        return []
+    return [row[0] for row in rows]
+
+
 def test_a_killed_driver_resumes_without_running_or_logging_finished_trials_again(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = write_space(tmp_path, num_samples=3, max_concurrent_trials=1, overrides={**TINY, "training.epochs": 3})
+    path = write_space(
+        tmp_path, num_samples=3, max_concurrent_trials=1, overrides={**TINY, "training.epochs": 3}
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     command = [sys.executable, "-m", "raymix", "tune", str(path)]
     with (tmp_path / "first.log").open("w") as log:
@@ -262,17 +286,13 @@ def test_a_killed_driver_resumes_without_running_or_logging_finished_trials_agai
             deadline = time.monotonic() + 240
             while not finished and time.monotonic() < deadline and driver.poll() is None:
                 time.sleep(1)
-                if (tmp_path / "mlflow.db").exists():
-                    client = MlflowClient(uri)
-                    experiment = client.get_experiment_by_name("raymix")
-                    if experiment is not None:
-                        query = "attributes.status = 'FINISHED' and tags.`raymix.trial_id` != ''"
-                        finished = client.search_runs([experiment.experiment_id], query)
+                finished = _finished_trials(tmp_path / "mlflow.db")
             time.sleep(2)  # past Tune's next snapshot of its state
         finally:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     assert len(finished) == 1, (tmp_path / "first.log").read_text()[-3000:]
+    finished = [MlflowClient(uri).get_run(run_id) for run_id in finished]
     deadline = time.monotonic() + 30  # Ray's processes notice the driver's death within seconds
     while _alive_in_session(driver.pid) and time.monotonic() < deadline:
         time.sleep(1)
@@ -293,3 +313,23 @@ def test_a_killed_driver_resumes_without_running_or_logging_finished_trials_agai
     assert len(progress.strip().splitlines()) == 1 + 3  # not trained again
     board = leaderboard.load(str(tmp_path / "sweeps" / "space"))
     assert sorted(row.outcome for row in board.rows) == ["completed"] * 3
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"params": {"optim.learning_rate": {"type": "float", "low": 0.1, "high": 0.2}}}, "learning_rate"),
+        ({"params": {"optim.lr": {"type": "categorical", "choices": []}}}, "non-empty 'choices'"),
+        ({"metric": "accuracy"}, "metric 'accuracy' is never reported"),
+    ],
+)
+def test_bad_spaces_exit_2_before_ray_starts(tmp_path, capsys, monkeypatch, fields, message):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a bad space")
+
+    monkeypatch.setattr(sweep.ray_train, "init_ray", no_ray)
+    path = write_space(tmp_path, **fields)
+    assert main(["tune", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+    assert main(["tune", str(tmp_path / "missing.yaml")]) == 2
