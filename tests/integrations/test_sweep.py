@@ -92,6 +92,7 @@ def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp
         tmp_path,
         num_samples=4,
         max_concurrent_trials=1,
+        max_failures=1,  # the diverging trial is retried once, and fails again
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
         # A given point may lie outside the ranges (Optuna accepts it): here, one that diverges.
         points_to_evaluate=[{"optim.lr": 4.0e-3, "augment.crop_scale": [0.5, 1.0]}, DIVERGE],
@@ -131,6 +132,7 @@ def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
         if outcomes[trial] == "failed":
             assert "not finite" in run.data.tags["raymix.error"]
+            assert "not finite" in run.data.tags["raymix.last_retry_error"]
             continue
         history = client.get_metric_history(run.info.run_id, "knn_top1")
         row = next(r for r in board.rows if r.trial_id == trial)
