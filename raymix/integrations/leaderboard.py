@@ -36,14 +36,15 @@ PLOTS = ("optimization_history", "parallel_coordinate", "param_importances")
 # ---------------------------------------------------------------- files on a path or URI
 
 
-def _fs(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+def file_system(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The filesystem of a local path or URI (s3://, gs://, ...) and the path within it."""
     if "://" in location:
         return pyarrow.fs.FileSystem.from_uri(location)
     return pyarrow.fs.LocalFileSystem(), location
 
 
 def read_text(location: str) -> str:
-    fs, path = _fs(location)
+    fs, path = file_system(location)
     try:
         with fs.open_input_stream(path) as f:
             return bytes(f.read()).decode()
@@ -52,7 +53,7 @@ def read_text(location: str) -> str:
 
 
 def write_text(location: str, text: str) -> None:
-    fs, path = _fs(location)
+    fs, path = file_system(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
@@ -263,7 +264,7 @@ def render(board: Board, folder: Path) -> dict[str, str]:
 
 def publish(folder: Path, sweep_path: str) -> None:
     """Copy what :func:`render` wrote into the sweep folder (a path or URI)."""
-    fs, root = _fs(sweep_path.rstrip("/"))
+    fs, root = file_system(sweep_path.rstrip("/"))
     fs.create_dir(f"{root}/plots", recursive=True)
     for file in sorted(folder.rglob("*")):
         if file.is_file():

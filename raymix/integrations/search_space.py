@@ -189,6 +189,11 @@ def config_for(base: dict[str, Any], point: dict[str, Value]) -> Config:
     return config_from_dict(raw)
 
 
+def trial_config(point: dict[str, Value], space: dict[str, Any], base: dict[str, Any]) -> Config:
+    """The config of one trial from the searcher's point, the dumped space and the base."""
+    return config_for(base, decode_point(SearchSpace.model_validate(space), point))
+
+
 def load_search_space(
     path: str | Path, overrides: list[str] | None = None
 ) -> tuple[SearchSpace, dict[str, Any]]:

@@ -45,10 +45,10 @@ from raymix.integrations.search_space import (
     SearchSpace,
     SearchSpaceError,
     config_for,
-    decode_point,
     encode_point,
     load_search_space,
     sample,
+    trial_config,
 )
 
 TRAIN_FOLDER = "train"
@@ -94,10 +94,6 @@ def prepare(space_path: str | Path, overrides: list[str] | None = None, name: st
 # ---------------------------------------------------------------- the trials
 
 
-def _trial_config(point: dict[str, Any], space: dict[str, Any], base: dict[str, Any]) -> Config:
-    return config_for(base, decode_point(SearchSpace.model_validate(space), point))
-
-
 def _tune_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     if state is None:
         ray.tune.report(metrics)
@@ -109,7 +105,7 @@ def _tune_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
 
 def trial_in_process(point: dict[str, Any], *, space: dict[str, Any], base: dict[str, Any]) -> None:
     """A single-worker trial: the engine in the Tune trial's own process."""
-    cfg = _trial_config(point, space, base)
+    cfg = trial_config(point, space, base)
     torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
     trainer = Trainer(cfg)
     state = None
@@ -117,8 +113,8 @@ def trial_in_process(point: dict[str, Any], *, space: dict[str, Any], base: dict
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / ray_train.STATE_FILE, map_location=trainer.device)
-    trainer_id = ray.tune.get_context().get_trial_id()
-    train_loop(trainer, state, _tune_report, log=lambda line: print(f"[{trainer_id}] {line}", flush=True))
+    trial_id = ray.tune.get_context().get_trial_id()
+    train_loop(trainer, state, _tune_report, log=lambda line: print(f"[{trial_id}] {line}", flush=True))
 
 
 def trial_with_train(
@@ -129,7 +125,7 @@ def trial_with_train(
     Its run folder is ``train_root/<trial_id>``: started again (driver resumed, trial
     retried), Ray Train resumes it from its latest checkpoint.
     """
-    cfg = _trial_config(point, space, base)
+    cfg = trial_config(point, space, base)
     sp = SearchSpace.model_validate(space)
     trainer = ray_train.build_trainer(
         cfg,

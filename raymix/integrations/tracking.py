@@ -31,10 +31,10 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from raymix.config import ConfigError
-from raymix.engine.run import _flatten
-from raymix.integrations.leaderboard import Board, trial_error
+from raymix.engine.run import flatten
+from raymix.integrations.leaderboard import Board, file_system, trial_error
 from raymix.integrations.ray_train import METRICS_FILE
-from raymix.integrations.search_space import config_for, decode_point
+from raymix.integrations.search_space import SearchSpace, config_for, decode_point, trial_config
 
 if TYPE_CHECKING:
     from raymix.integrations.sweep import Sweep
@@ -109,9 +109,9 @@ def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
                 {
                     "space.file": sweep.source,
                     "space.folder": sweep.path,
-                    **_flatten({k: v for k, v in space.items() if k != "params"}, "space."),
+                    **flatten({k: v for k, v in space.items() if k != "params"}, "space."),
                     "space.params": space["params"],
-                    **_flatten(sweep.base, "base."),
+                    **flatten(sweep.base, "base."),
                 },
             )
             client.log_artifact(parent_id, sweep.source, "space")
@@ -149,17 +149,11 @@ def close_sweep(recorder: TrialRecorder | None, board: Board, outputs: Path) -> 
         client.set_terminated(parent, "FINISHED")
 
 
-def _fs(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in location:
-        return pyarrow.fs.FileSystem.from_uri(location)
-    return pyarrow.fs.LocalFileSystem(), location
-
-
 def checkpoints(roots: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """(folder, reported metrics) of every checkpoint under the given trial folders."""
     found = []
     for root in roots:
-        fs, path = _fs(root)
+        fs, path = file_system(root)
         try:
             infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
         except OSError:
@@ -228,11 +222,8 @@ class TrialRecorder(Callback):
         return run_id
 
     def _create(self, trial: Any) -> str:
-        from raymix.integrations.search_space import SearchSpace
-
-        space = SearchSpace.model_validate(self.sweep["space"])
-        point = decode_point(space, dict(trial.config))
-        cfg = config_for(self.sweep["base"], point)
+        cfg = trial_config(dict(trial.config), self.sweep["space"], self.sweep["base"])
+        point = decode_point(SearchSpace.model_validate(self.sweep["space"]), dict(trial.config))
         tags = {
             PARENT_TAG: self.parent_run_id,
             TRIAL_TAG: trial.trial_id,
@@ -242,7 +233,7 @@ class TrialRecorder(Callback):
             self.experiment_id, run_name=f"{self.sweep_name}-{trial.trial_id}", tags=tags
         )
         run_id = run.info.run_id
-        _log_params(self.client, run_id, _flatten(cfg.to_dict()))
+        _log_params(self.client, run_id, flatten(cfg.to_dict()))
         self.client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
         return run_id
 
@@ -256,16 +247,16 @@ class TrialRecorder(Callback):
 
     def _log_checkpoints(self, trial: Any, run_id: str) -> None:
         found = checkpoints([str(trial.path), f"{self.train_root}/{trial.trial_id}"])
-        scored = [(f, m) for f, m in found if isinstance(m.get(self.metric), int | float)]
         if not found:
             return
+        scored = [(f, m) for f, m in found if isinstance(m.get(self.metric), int | float)]
         sign = 1.0 if self.sweep["space"]["mode"] == "max" else -1.0
         last = max(found, key=lambda fm: fm[1].get("epoch", 0))[0]
         best = max(scored, key=lambda fm: sign * fm[1][self.metric])[0] if scored else last
         for name, folder in (("best", best), ("last", last)):
             if "://" in folder:
                 with tempfile.TemporaryDirectory() as tmp:
-                    fs, path = _fs(folder)
+                    fs, path = file_system(folder)
                     pyarrow.fs.copy_files(path, tmp, source_filesystem=fs)
                     self.client.log_artifacts(run_id, tmp, f"checkpoints/{name}")
             else:
