@@ -32,6 +32,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/trial_overhead.py
+	$(BIN)/python benchmarks/method_step.py
 
 clean:
 	rm -rf runs sweeps mlflow.db mlartifacts .pytest_cache .mypy_cache .ruff_cache

@@ -95,18 +95,33 @@ class ContrastConfig(Section):
     temperature: float = Field(0.2, gt=0.0, le=10.0)
     momentum: float | None = Field(0.99, ge=0.0, lt=1.0, description="EMA m0; null: no key encoder")
     momentum_schedule: Literal["cosine", "constant"] = "cosine"
-    queue_size: int = Field(0, ge=0, description="MoCo v2 queue of past keys; 0 disables it")
 
 
 class MocoConfig(ContrastConfig):
     name: Literal["moco"] = "moco"
+    queue_size: int = Field(0, ge=0, description="MoCo v2 queue of past keys; 0 disables it")
+
+
+class PatchMixConfig(ContrastConfig):
+    """PatchMix (METHODS.md section 1): soft contrasts between original and patch-mixed images."""
+
+    name: Literal["patchmix"] = "patchmix"
+    momentum: float | None = Field(None, ge=0.0, lt=1.0, description="EMA m0; null: no key encoder")
+    mix_num: int = Field(2, ge=2, description="images mixed into each mixed image (m)")
+    mix_prob: Probability = Field(1.0, description="probability that a step mixes at all")
+    mixed_weight: float = Field(0.5, ge=0.0, description="weight w of the two mixed terms")
+    smoothing_oo: Probability = Field(0.1, description="label smoothing of the orig-orig target")
+    smoothing_mixed: Probability = Field(0.0, description="label smoothing of the mixed targets")
+    mix_patch_size: int | None = Field(
+        None, ge=1, description="side of the mixed patches, a multiple of backbone.patch_size; null: equal"
+    )
 
 
 # One entry per method; the union below is discriminated by ``method.name``.
-METHOD_CONFIGS: dict[str, type[ContrastConfig]] = {"moco": MocoConfig}
+METHOD_CONFIGS: dict[str, type[ContrastConfig]] = {"moco": MocoConfig, "patchmix": PatchMixConfig}
 METHOD_NAMES = tuple(METHOD_CONFIGS)
 DEFAULT_METHOD = "moco"
-MethodConfig = Annotated[MocoConfig, Field(discriminator="name")]
+MethodConfig = Annotated[MocoConfig | PatchMixConfig, Field(discriminator="name")]
 
 
 class OptimConfig(Section):
@@ -212,7 +227,37 @@ class Config(Section):
             )
         if self.data.name in ("cifar10", "cifar100", "stl10", "imagefolder") and not self.data.root:
             raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+        if isinstance(self.method, PatchMixConfig):
+            self._check_patchmix(self.method)
         return self
+
+    def _check_patchmix(self, method: PatchMixConfig) -> None:
+        backbone, size = self.backbone, self.data.image_size
+        if not backbone.name.startswith("vit"):
+            vits = ", ".join(b for b in BACKBONES if b.startswith("vit"))
+            raise ValueError(
+                f"method.name=patchmix mixes ViT patches, but backbone.name={backbone.name} has no "
+                f"patch grid; allowed backbones: {vits}"
+            )
+        local_batch = self.training.batch_size // self.scaling.num_workers
+        if method.mix_num > local_batch:
+            raise ValueError(
+                f"method.mix_num={method.mix_num} exceeds the per-worker batch of {local_batch} images "
+                f"(training.batch_size / scaling.num_workers); allowed: 2..{local_batch}"
+            )
+        patch = method.mix_patch_size or backbone.patch_size
+        if patch % backbone.patch_size or size % patch:
+            raise ValueError(
+                f"method.mix_patch_size={patch} must be a multiple of backbone.patch_size="
+                f"{backbone.patch_size} that divides data.image_size={size}"
+            )
+        positions = (size // patch) ** 2
+        if method.mix_num > positions:
+            raise ValueError(
+                f"method.mix_num={method.mix_num} exceeds the {positions} patch positions of a "
+                f"{size}px image cut into {patch}px patches; allowed: mix_num <= {positions} "
+                "(smaller method.mix_patch_size gives more positions)"
+            )
 
     @property
     def run_name(self) -> str:

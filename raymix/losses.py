@@ -39,3 +39,17 @@ def info_nce(
         logits = torch.cat([logits, q @ F.normalize(negatives.float(), dim=1).T], dim=1)  # (B, N + M)
     labels = torch.arange(q.shape[0], device=q.device) + offset
     return 2.0 * temperature * F.cross_entropy(logits / temperature, labels)
+
+
+def soft_contrast(
+    query: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Soft-target contrast: mean_b sum_n -targets[b, n] * log_softmax(q k^T / tau)[b, n].
+
+    query: (B, D) local rows; keys: (N, D) gathered over workers; targets: (B, N). Plain
+    cross-entropy with no 2 tau factor (PatchMix, METHODS.md section 1). Inputs are
+    L2-normalised here.
+    """
+    q = F.normalize(query.float(), dim=1)
+    k = F.normalize(keys.float(), dim=1)
+    return soft_cross_entropy(q @ k.T / temperature, targets)

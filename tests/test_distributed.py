@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from raymix import dist
 from raymix.config import load_config
 from raymix.methods import build_method
+from raymix.methods.patchmix import mix_seed, patch_mix, patchmix_targets, smooth
 from raymix.models.syncbn import GlobalBatchNorm, convert_batchnorm
 
 TINY = ["data.image_size=16", "head.hidden_dim=32", "head.out_dim=16"]
@@ -25,8 +26,36 @@ CASES = {
     "moco-vit-momentum-queue": [*VIT, "method.momentum=0.99", "method.queue_size=16"],
     "moco-vit-no-momentum": [*VIT, "method.momentum=null"],
     "moco-resnet18": ["backbone.name=resnet18", "method.queue_size=16"],
-}
+    "patchmix-no-momentum": [*VIT, "backbone.patch_size=4", "method.name=patchmix"],
+    "patchmix-momentum-m3": [
+        *VIT, "backbone.patch_size=4", "method.name=patchmix", "method.mix_num=3",
+        "method.momentum=0.99", "method.smoothing_mixed=0.1",
+    ],
+}  # fmt: skip
 WORLD, BATCH = 2, 8
+
+
+def _patchmix_one_process(method, view1, view2):
+    """PatchMix mixes each worker's batch alone: mix each half as its worker does, with the
+    same (seed, step) generator, and give every row its worker's targets."""
+    halves = []
+    for rank in range(WORLD):
+        rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        g = torch.Generator().manual_seed(mix_seed(0, 0))
+        torch.rand((), generator=g)  # the mix-or-not draw
+        halves.append([patch_mix(v[rows], method.num_mix, method.patch_size, g)[0] for v in (view1, view2)])
+    mixes = (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
+    per_rank = [patchmix_targets(BATCH // WORLD, method.num_mix, r, WORLD) for r in range(WORLD)]
+    targets = (
+        smooth(torch.eye(BATCH), method.smoothing_oo),
+        smooth(torch.cat([t[0] for t in per_rank]), method.smoothing_mixed),
+        smooth(torch.cat([t[1] for t in per_rank]), method.smoothing_mixed),
+    )
+    return method.contrast(view1, view2, mixes, targets)
+
+
+# How one process computes what the workers compute together (default: the same forward).
+ONE_PROCESS = {name: _patchmix_one_process for name in CASES if name.startswith("patchmix")}
 
 
 def _config(case: str):
@@ -38,9 +67,9 @@ def _batch():
     return torch.randn(BATCH, 3, 16, 16, generator=g), torch.randn(BATCH, 3, 16, 16, generator=g)
 
 
-def _step(model, method, view1, view2):
+def _step(model, method, view1, view2, forward=None):
     """One forward and backward; returns (loss, grads by name, queue, bn running mean)."""
-    loss, _ = model(view1, view2)
+    loss, _ = forward(method, view1, view2) if forward else model(view1, view2)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
     running = {n: b.clone() for n, b in method.named_buffers() if n.endswith("running_mean")}
@@ -85,7 +114,7 @@ def test_two_workers_equal_one_process(two_workers: Path, case: str) -> None:
     got = torch.load(two_workers / f"{case}.pt")
     torch.manual_seed(0)
     method = build_method(_config(case))
-    loss, grads, queue, running = _step(method, method, *_batch())
+    loss, grads, queue, running = _step(method, method, *_batch(), ONE_PROCESS.get(case))
 
     torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-5)
     assert got["grads"].keys() == grads.keys() and grads

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymix.losses import info_nce, soft_cross_entropy
+from raymix.losses import info_nce, soft_contrast, soft_cross_entropy
 
 
 def reference_info_nce(q, k, offset, tau, negatives=None):
@@ -65,3 +65,21 @@ def test_soft_cross_entropy_uniform_logits():
     targets[:, 0] = 1.0
     targets[:, 1] = 1.0
     assert soft_cross_entropy(torch.zeros(3, 4), targets).item() == pytest.approx(2 * math.log(4))
+
+
+def test_soft_contrast_exact_values_and_scale_invariance():
+    # Equal embeddings: every logit is 1 / tau, so the loss is log N for any target rows summing to 1.
+    q, k = torch.ones(3, 4), torch.ones(5, 4)
+    targets = torch.softmax(torch.randn(3, 5), dim=1)
+    assert soft_contrast(q, k, targets, 0.2).item() == pytest.approx(math.log(5))
+    # Two orthogonal keys, target all on the first: -log(e^{1/tau} / (e^{1/tau} + 1)).
+    q, k = torch.tensor([[2.0, 0.0]]), torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    expected = -math.log(math.exp(5.0) / (math.exp(5.0) + 1.0))
+    assert soft_contrast(q, k, torch.tensor([[1.0, 0.0]]), 0.2).item() == pytest.approx(expected)
+    # No 2 tau factor, and the norms of queries and keys do not matter.
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    targets = torch.softmax(torch.randn(4, 6, generator=g), dim=1)
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.3
+    torch.testing.assert_close(soft_contrast(q, k, targets, 0.3), soft_cross_entropy(logits, targets))
+    torch.testing.assert_close(soft_contrast(7 * q, 0.1 * k, targets, 0.3), soft_contrast(q, k, targets, 0.3))

@@ -115,6 +115,7 @@ class Trainer:
         self.method.train()
         self.train_loader.set_epoch(self.epoch)
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}  # a value some steps do not log is averaged over the steps that do
         start = time.perf_counter()
         bar = tqdm(
             self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.training.epochs}",
@@ -124,13 +125,13 @@ class Trainer:
             logs = self.train_step(images, labels)
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0) + value.float()
+                counts[key] = counts.get(key, 0) + 1
             if progress and (i % 10 == 0):
                 bar.set_postfix(loss=f"{logs['loss'].item():.4f}")  # a sync, only for display
         self.epoch += 1
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        steps = max(self.steps_per_epoch, 1)
-        metrics = {key: float(dist.all_reduce_mean(total)) / steps for key, total in sums.items()}
+        metrics = {key: float(dist.all_reduce_mean(total)) / counts[key] for key, total in sums.items()}
         if not torch.isfinite(torch.tensor(metrics.get("loss", 0.0))):
             raise FloatingPointError(f"loss is not finite ({metrics.get('loss')}) in epoch {self.epoch}")
         metrics["lr"] = self.schedules.lr(self.step - 1)  # the rate of the epoch's last step

@@ -5,9 +5,11 @@ from __future__ import annotations
 from raymix.config import Config
 from raymix.methods.base import ContrastiveMethod
 from raymix.methods.moco import MoCo
+from raymix.methods.patchmix import PatchMix
 
 METHODS: dict[str, type[ContrastiveMethod]] = {
     "moco": MoCo,
+    "patchmix": PatchMix,
 }
 
 

@@ -47,8 +47,10 @@ class ContrastiveMethod(nn.Module):
         if method.momentum is not None:
             self.key_backbone = momentum_copy(self.backbone)
             self.key_projector = momentum_copy(self.projector)
-        # Random unit vectors until real keys replace them (MoCo v2).
-        self.register_buffer("queue", F.normalize(torch.randn(method.queue_size, head.out_dim), dim=1))
+        # Random unit vectors until real keys replace them (MoCo v2); methods without a
+        # ``queue_size`` option have an empty queue.
+        queue_size = getattr(method, "queue_size", 0)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, head.out_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     # -- branches

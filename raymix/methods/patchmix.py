@@ -1,14 +1,20 @@
-"""PatchMix's mixing and soft targets (METHODS.md section 1; Shen et al. 2023, arXiv 2306.12243).
+"""PatchMix (METHODS.md section 1; Shen et al. 2023, arXiv 2306.12243).
 
-Pure tensor functions. ``patch_mix`` builds mixed images from patches of ``num_mix``
-images of the batch; ``patchmix_targets`` gives, for every mixed image, how much of each
-gathered key's image it holds (mixed to original) and how many sources it shares with
-each mixed key (mixed to mixed).
+``patch_mix`` builds mixed images from patches of ``num_mix`` images of the batch;
+``patchmix_targets`` gives, for every mixed image, how much of each gathered key's image
+it holds (mixed to original) and how many sources it shares with each mixed key (mixed to
+mixed). Both are pure tensor functions; :class:`PatchMix` is the method that trains with
+them.
 """
 
 from __future__ import annotations
 
 import torch
+
+from raymix import dist
+from raymix.config import Config, PatchMixConfig
+from raymix.losses import soft_contrast
+from raymix.methods.base import ContrastiveMethod
 
 
 def patch_mix(
@@ -79,3 +85,108 @@ def patchmix_targets(
 def smooth(targets: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Label smoothing over the N columns: (1 - epsilon) * Y + epsilon / N."""
     return (1.0 - epsilon) * targets + epsilon / targets.shape[1]
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s mixing generator: equal on every worker, new every step."""
+    return (seed * 1_000_003 + step) % 2**63
+
+
+class PatchMix(ContrastiveMethod):
+    """PatchMix on the MoCo v3 base (METHODS.md section 1).
+
+    Each step: f(x1), g(x2), g(x1), g(mix1), f(mix2); g(x1) is the online projection of
+    x1 under no_grad (no extra pass) when there is no momentum encoder. The loss is
+    ``l(f(x1), g(x2), Y_oo) + w * l(f(mix2), g(x1), Y_mo) + w * l(f(mix2), g(mix1), Y_mm)``
+    with soft targets over the keys gathered from every worker. Each worker mixes its own
+    batch; the permutations and the mix-or-not draw come from a generator seeded by
+    (training.seed, step), so every worker draws the same ones.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        method = cfg.method
+        assert isinstance(method, PatchMixConfig)
+        self.num_mix = method.mix_num
+        self.mix_prob = method.mix_prob
+        self.mixed_weight = method.mixed_weight
+        self.smoothing_oo = method.smoothing_oo
+        self.smoothing_mixed = method.smoothing_mixed
+        self.patch_size = method.mix_patch_size or cfg.backbone.patch_size
+        self.seed = cfg.training.seed
+        self.mix_step = 0  # training forwards so far; saved in the state dict
+        self._targets: dict[tuple[int, int, int, str], tuple[torch.Tensor, ...]] = {}
+
+    # -- state: the step counter travels with the weights, so a resumed run mixes alike
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"mix_step": self.mix_step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.mix_step = int(state["mix_step"])
+
+    # -- mixing and targets
+
+    def draw_mixes(
+        self, view1: torch.Tensor, view2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This step's (mix1, mix2), or None when the step does not mix (probability 1 - mix_prob)."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.mix_step))
+        if self.training:
+            self.mix_step += 1
+        if torch.rand((), generator=generator).item() >= self.mix_prob:
+            return None
+        mix1, _ = patch_mix(view1, self.num_mix, self.patch_size, generator)
+        mix2, _ = patch_mix(view2, self.num_mix, self.patch_size, generator)
+        return mix1, mix2
+
+    def targets(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Smoothed (Y_oo, Y_mo, Y_mm) of this worker's rows, each (B, B * world_size)."""
+        rank, world = dist.rank(), dist.world_size()
+        key = (batch, rank, world, str(device))
+        if key not in self._targets:
+            identity = torch.zeros(batch, batch * world)
+            identity[torch.arange(batch), rank * batch + torch.arange(batch)] = 1.0
+            to_orig, to_mixed = patchmix_targets(batch, self.num_mix, rank, world)
+            self._targets[key] = (
+                smooth(identity, self.smoothing_oo).to(device),
+                smooth(to_orig, self.smoothing_mixed).to(device),
+                smooth(to_mixed, self.smoothing_mixed).to(device),
+            )
+        y_oo, y_mo, y_mm = self._targets[key]
+        return y_oo, y_mo, y_mm
+
+    # -- loss
+
+    def forward(
+        self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mixes = self.draw_mixes(view1, view2)
+        return self.contrast(view1, view2, mixes, self.targets(view1.shape[0], view1.device))
+
+    def contrast(
+        self,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        mixes: tuple[torch.Tensor, torch.Tensor] | None,
+        targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of given views, mixes (or None: the orig-orig term alone) and targets."""
+        y_oo, y_mo, y_mm = targets
+        tau = self.temperature
+        z1, p1 = self.online(view1)
+        k2 = dist.gather_no_grad(self.keys(view2))
+        loss_oo = soft_contrast(p1, k2, y_oo, tau)
+        logs = {"loss/orig_orig": loss_oo.detach()}
+        if mixes is None:
+            return loss_oo, logs
+        mix1, mix2 = mixes
+        k1 = z1.detach() if self.key_backbone is None else self.keys(view1)
+        k1 = dist.gather_no_grad(k1)
+        k_mix = dist.gather_no_grad(self.keys(mix1))
+        _, p_mix = self.online(mix2)
+        loss_mo = soft_contrast(p_mix, k1, y_mo, tau)
+        loss_mm = soft_contrast(p_mix, k_mix, y_mm, tau)
+        logs["loss/mixed_orig"] = loss_mo.detach()
+        logs["loss/mixed_mixed"] = loss_mm.detach()
+        return loss_oo + self.mixed_weight * (loss_mo + loss_mm), logs

@@ -33,10 +33,19 @@ def tiny(*overrides: str):
 
 
 def params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in trainer.method.state_dict().items()}
+    """Tensors of the method's state; extra state (PatchMix's step counter) as a tensor too."""
+    state = trainer.method.state_dict()
+    return {k: v.clone() if torch.is_tensor(v) else torch.tensor(list(v.values())) for k, v in state.items()}
 
 
-@pytest.mark.parametrize("extra", [["method.queue_size=48"], ["method.momentum=null", "optim.name=sgd"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["method.queue_size=48"],
+        ["method.momentum=null", "optim.name=sgd"],
+        ["method.name=patchmix", "method.mix_prob=0.5"],  # the mixing step counter resumes too
+    ],
+)
 def test_resume_gives_the_identical_next_epoch(tmp_path, extra):
     cfg = tiny(*extra)
     first = Trainer(cfg)

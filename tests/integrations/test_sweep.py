@@ -195,6 +195,27 @@ def test_multi_worker_trials_run_ray_train(local_ray, tracking, tmp_path):
         assert "checkpoints/last/state.pt" in files
 
 
+def test_the_shipped_cross_method_space_trains_each_method(local_ray, tracking, tmp_path):
+    """all_methods.yaml, shrunk to its two given points (MoCo, then PatchMix) and one epoch."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "all_methods.yaml").read_text())
+    space.update(
+        base=str(DIGITS), overrides={**TINY, "training.epochs": 1}, num_samples=2,
+        storage_path=str(tmp_path / "sweeps"), scheduler={"type": "none"},
+    )  # fmt: skip
+    path = tmp_path / "all_methods.yaml"
+    path.write_text(yaml.safe_dump(space))
+    board = sweep.run_sweep(path, log=lambda _: None)
+    assert [row.outcome for row in board.rows] == ["completed", "completed"]
+    assert sorted(row.point["method.name"] for row in board.rows) == ["moco", "patchmix"]
+    client, _, children = mlflow_runs(tracking)
+    by_method = {run.data.params["method.name"]: run for run in children}
+    patchmix, moco = by_method["patchmix"], by_method["moco"]
+    terms = {"loss/orig_orig", "loss/mixed_orig", "loss/mixed_mixed"}
+    assert terms | {"knn_top1"} <= patchmix.data.metrics.keys()
+    assert "loss/contrast" in moco.data.metrics and "loss/mixed_mixed" not in moco.data.metrics
+    assert "method.queue_size" not in patchmix.data.params and patchmix.data.params["method.mix_num"] == "2"
+
+
 def test_trial_resources_and_concurrency(tmp_path):
     one = sweep.prepare(write_space(tmp_path, name="one"))
     assert sweep.in_process(one.config)

@@ -1,11 +1,23 @@
-"""PatchMix's mixing and targets against METHODS.md section 1."""
+"""PatchMix's mixing, targets, loss and config against METHODS.md section 1."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from raymix.methods.patchmix import patch_mix, patchmix_targets, smooth
+from raymix.config import ConfigError, load_config
+from raymix.engine.run import fit
+from raymix.methods import build_method
+from raymix.methods.patchmix import mix_seed, patch_mix, patchmix_targets, smooth
+
+TINY = [
+    "method.name=patchmix",
+    "data.image_size=16",
+    "backbone.patch_size=4",
+    "backbone.depth=1",
+    "head.hidden_dim=32",
+    "head.out_dim=16",
+]
 
 
 def coded_images(batch: int, rows: int, cols: int, patch: int) -> torch.Tensor:
@@ -101,3 +113,199 @@ def test_smoothing():
     targets = torch.eye(4)
     assert torch.allclose(smooth(targets, 0.1), 0.9 * targets + 0.025)
     assert torch.allclose(smooth(targets, 0.1).sum(1), torch.ones(4))
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def make(*overrides: str):
+    torch.manual_seed(0)
+    return build_method(load_config(None, [*TINY, *overrides]))
+
+
+def views(batch: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=g), torch.randn(batch, 3, 16, 16, generator=g)
+
+
+def step_mixes(x1, x2, num_mix, patch, seed=0, step=0):
+    """The mixes of one training step: a generator seeded by (seed, step), mix-or-not first."""
+    g = torch.Generator().manual_seed(mix_seed(seed, step))
+    torch.rand((), generator=g)
+    return patch_mix(x1, num_mix, patch, g)[0], patch_mix(x2, num_mix, patch, g)[0]
+
+
+def reference_loss(method, x1, x2, mix1, mix2, m, w, tau, eps_oo, eps_mixed, world=1):
+    """L of METHODS.md section 1 by loops: ``world`` groups of B rows, each mixed within itself."""
+    f = lambda x: method.predictor(method.projector(method.backbone(x)))  # noqa: E731
+    if method.key_backbone is None:
+        g = lambda x: method.projector(method.backbone(x))  # noqa: E731
+    else:
+        g = lambda x: method.key_projector(method.key_backbone(x))  # noqa: E731
+    q_orig, q_mix = f(x1), f(mix2)
+    with torch.no_grad():
+        k_orig1, k_orig2, k_mix1 = g(x1), g(x2), g(mix1)
+    n_keys, batch = x1.shape[0], x1.shape[0] // world
+
+    def term(queries, keys, target):
+        total = 0.0
+        for row in range(n_keys):
+            q = queries[row] / queries[row].norm()
+            logits = [q @ (keys[n] / keys[n].norm()) / tau for n in range(n_keys)]
+            log_z = torch.logsumexp(torch.stack(logits), dim=0)
+            total = total - sum(target(row, n) * (logits[n] - log_z) for n in range(n_keys))
+        return total / n_keys
+
+    def ring(row, n):
+        """(same worker, forward distance from row's image to key n's image on the ring)."""
+        return row // batch == n // batch, (n % batch - row % batch) % batch
+
+    def y_oo(row, n):
+        return (1 - eps_oo) * float(row == n) + eps_oo / n_keys
+
+    def y_mo(row, n):
+        same, j = ring(row, n)
+        return (1 - eps_mixed) * (1 / m if same and j < m else 0.0) + eps_mixed / n_keys
+
+    def y_mm(row, n):
+        same, j = ring(row, n)
+        share = sum((m - abs(d)) / m**2 for d in range(-(m - 1), m) if same and d % batch == j)
+        return (1 - eps_mixed) * share + eps_mixed / n_keys
+
+    return term(q_orig, k_orig2, y_oo) + w * term(q_mix, k_orig1, y_mo) + w * term(q_mix, k_mix1, y_mm)
+
+
+@pytest.mark.parametrize(
+    "extra, m, w, tau, eps_oo, eps_mixed",
+    [
+        ([], 2, 0.5, 0.2, 0.1, 0.0),  # the defaults: no momentum encoder
+        (["method.mix_num=3", "method.mixed_weight=1.0", "method.temperature=0.3",
+          "method.smoothing_oo=0", "method.smoothing_mixed=0.2", "method.momentum=0.99"],
+         3, 1.0, 0.3, 0.0, 0.2),
+        (["method.mix_num=4", "method.mix_patch_size=8"], 4, 0.5, 0.2, 0.1, 0.0),
+    ],
+)  # fmt: skip
+def test_loss_matches_the_slow_reference(extra, m, w, tau, eps_oo, eps_mixed):
+    method = make(*extra)
+    x1, x2 = views()
+    loss, logs = method(x1, x2)
+    mix1, mix2 = step_mixes(x1, x2, m, method.patch_size)
+    expected = reference_loss(method, x1, x2, mix1, mix2, m, w, tau, eps_oo, eps_mixed)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    terms = logs["loss/orig_orig"] + w * (logs["loss/mixed_orig"] + logs["loss/mixed_mixed"])
+    torch.testing.assert_close(terms, loss.detach())
+
+
+def test_gradients_reach_the_online_branch_only():
+    method = make("method.momentum=0.99")
+    method(*views())[0].backward()
+    assert all(p.grad is None for p in method.key_backbone.parameters())
+    assert all(p.grad is None for p in method.key_projector.parameters())
+    assert method.predictor[0].weight.grad is not None
+    assert method.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_without_momentum_the_keys_of_x1_are_the_online_projections():
+    """g(x1) reuses f's projector output under no_grad: changing how g runs changes nothing."""
+    method = make()
+    x1, x2 = views()
+    mixes = step_mixes(x1, x2, 2, 4)
+    targets = method.targets(6, x1.device)
+    loss, _ = method.contrast(x1, x2, mixes, targets)
+    calls = []
+    method.keys = lambda x: calls.append(x) or method.projector(method.backbone(x)).detach()
+    again, _ = method.contrast(x1, x2, mixes, targets)
+    torch.testing.assert_close(loss, again)
+    assert len(calls) == 2  # g(x2) and g(mix1); x1 is not encoded a second time
+
+
+def test_mix_prob_zero_leaves_the_orig_orig_term_alone():
+    method = make("method.mix_prob=0")
+    x1, x2 = views()
+    loss, logs = method(x1, x2)
+    assert set(logs) == {"loss/orig_orig"}
+    torch.testing.assert_close(loss, logs["loss/orig_orig"])
+    reference = make()
+    y_oo = reference.targets(6, x1.device)[0]
+    torch.testing.assert_close(loss, reference.contrast(x1, x2, None, (y_oo, y_oo, y_oo))[0])
+
+
+def test_every_step_draws_new_mixes_and_the_step_resumes_from_the_state_dict():
+    method = make("method.mix_prob=0.5")
+    x1, x2 = views()
+    draws = [method.draw_mixes(x1, x2) for _ in range(12)]
+    mixed_steps = [d is not None for d in draws]
+    assert 0 < sum(mixed_steps) < 12  # both outcomes of the coin within 12 steps (seed 0)
+    first, second = [d for d in draws if d is not None][:2]
+    assert not torch.equal(first[0], second[0])
+    assert method.mix_step == 12
+    state = method.state_dict()
+    resumed = make("method.mix_prob=0.5")
+    resumed.load_state_dict(state)
+    assert resumed.mix_step == 12
+    nxt, again = method.draw_mixes(x1, x2), resumed.draw_mixes(x1, x2)
+    assert (nxt is None) == (again is None)
+    if nxt is not None and again is not None:
+        assert torch.equal(nxt[0], again[0]) and torch.equal(nxt[1], again[1])
+    method.eval()
+    method.draw_mixes(x1, x2)
+    assert method.mix_step == 13  # evaluation does not advance the step
+
+
+def test_views_are_mixed_with_independent_permutations_and_the_same_m():
+    method = make("method.mix_num=3")
+    x = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 16, 16).contiguous()
+    mix1, mix2 = method.draw_mixes(x, x)
+    assert not torch.equal(mix1, mix2)  # other positions ...
+    for mixed in (mix1, mix2):  # ... the same partners b, b + 1, b + 2
+        for b in range(6):
+            assert set(mixed[b, 0].unique().long().tolist()) == {b, (b + 1) % 6, (b + 2) % 6}
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.mix_num=1"], "method.mix_num"),
+        (["training.batch_size=8", "scaling.num_workers=2", "method.mix_num=5"],
+         "method.mix_num=5 exceeds the per-worker batch of 4"),
+        (["method.mix_patch_size=6"], "method.mix_patch_size=6 must be a multiple of backbone.patch_size=4"),
+        (["method.mix_patch_size=8", "method.mix_num=4"], None),
+        (["method.mix_patch_size=8", "method.mix_num=5"], "method.mix_num=5 exceeds the 4 patch positions"),
+        (["backbone.patch_size=5"], "backbone.patch_size=5 does not divide data.image_size=16"),
+        (["backbone.name=resnet18"], "backbone.name=resnet18 has no patch grid"),
+        (["method.queue_size=256"], "unknown key 'method.queue_size'"),
+        (["method.mix_prob=1.5"], "method.mix_prob"),
+        (["method.smoothing_oo=-0.1"], "method.smoothing_oo"),
+    ],
+)  # fmt: skip
+def test_bad_options_name_the_option(overrides, message):
+    if message is None:
+        load_config(None, [*TINY, *overrides])
+        return
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(None, [*TINY, *overrides])
+
+
+def test_defaults_follow_the_released_code():
+    method = load_config(None, ["method.name=patchmix"]).method
+    assert (method.mix_num, method.mix_prob, method.mixed_weight) == (2, 1.0, 0.5)
+    assert (method.smoothing_oo, method.smoothing_mixed, method.momentum) == (0.1, 0.0, None)
+    assert method.temperature == 0.2
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_short_digits_run_beats_initialisation(tmp_path):
+    cfg = load_config(
+        "launch/experiments/digits.yaml",
+        ["method.name=patchmix", "training.epochs=4", "training.progress=false",
+         f"training.output_dir={tmp_path / 'run'}"],
+    )  # fmt: skip
+    result = fit(cfg, log=lambda _: None, progress=False)
+    assert result["knn_top1"] > result["knn_top1_init"] + 0.05, result
+    history = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"loss/mixed_mixed"' in history and '"loss/orig_orig"' in history

@@ -1,0 +1,124 @@
+"""Training steps per second of each method on one device, and what PatchMix's mixing costs.
+
+Every method trains the same backbone on the same uint8 batch through ``Trainer.train_step``
+(augmentation, forward passes, backward, optimiser, EMA). Two scales:
+
+- ``cpu``: the quickstart's ViT at 16 px, batch 64 (what tests and the quickstart run);
+- ``gpu``: ViT-T/2 at 32 px, batch 512, bf16 (the CIFAR recipes), only where CUDA is seen.
+
+    .venv/bin/python benchmarks/method_step.py [--steps 20] [--scale auto|cpu|gpu]
+
+No Ray needed. Writes benchmarks/results/method_step-<scale>-<date>.json and prints a
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from raymix.config import METHOD_NAMES, load_config
+from raymix.engine.trainer import Trainer
+from raymix.methods.patchmix import patch_mix
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALES = {
+    "cpu": [
+        "data.name=synthetic", "data.image_size=16", "backbone.name=vit_micro", "backbone.patch_size=4",
+        "head.hidden_dim=512", "head.out_dim=128", "training.batch_size=64", "training.device=cpu",
+    ],
+    "gpu": [
+        "data.name=synthetic", "data.image_size=32", "backbone.name=vit_tiny", "backbone.patch_size=2",
+        "head.hidden_dim=4096", "head.out_dim=256", "training.batch_size=512", "training.device=cuda",
+        "training.precision=bf16",
+    ],
+}  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(method: str, scale: str, steps: int) -> dict[str, float | str]:
+    cfg = load_config(None, [*SCALES[scale], f"method.name={method}", "training.progress=false"])
+    trainer = Trainer(cfg)
+    size, batch = cfg.data.image_size, cfg.training.batch_size
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
+    images, labels = images.to(trainer.device), torch.zeros(batch, dtype=torch.long, device=trainer.device)
+    trainer.method.train()
+    for _ in range(3):  # warm-up: allocator, kernels
+        trainer.train_step(images, labels)
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    sync(trainer.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logs = trainer.train_step(images, labels)
+    sync(trainer.device)
+    seconds = time.perf_counter() - start
+    row: dict[str, float | str] = {
+        "method": method,
+        "steps_per_second": round(steps / seconds, 3),
+        "images_per_second": round(steps * batch / seconds, 1),
+        "loss": round(float(logs["loss"]), 4),
+    }
+    if trainer.device.type == "cuda":
+        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)
+    return row
+
+
+def time_mixing(scale: str, steps: int) -> dict[str, float]:
+    """patch_mix alone on one normalised view (two per step in training)."""
+    cfg = load_config(None, [*SCALES[scale], "method.name=patchmix"])
+    device = torch.device(cfg.training.device)
+    size, batch, patch = cfg.data.image_size, cfg.training.batch_size, cfg.backbone.patch_size
+    view = torch.randn(batch, 3, size, size, device=device)
+    generator = torch.Generator().manual_seed(0)
+    patch_mix(view, 2, patch, generator)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        patch_mix(view, 2, patch, generator)
+    sync(device)
+    return {"patch_mix_ms": round(1000 * (time.perf_counter() - start) / steps, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--scale", choices=["auto", "cpu", "gpu"], default="auto")
+    args = parser.parse_args()
+    scale = args.scale if args.scale != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    rows = [time_steps(name, scale, args.steps) for name in METHOD_NAMES]
+    mixing = time_mixing(scale, args.steps)
+    device = torch.cuda.get_device_name() if scale == "gpu" else platform.processor() or platform.machine()
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "scale": scale,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "config": SCALES[scale],
+        "steps": args.steps,
+        "methods": rows,
+        **mixing,
+    }
+    out = ROOT / "benchmarks" / "results" / f"method_step-{scale}-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"| method | steps/s | images/s | loss |  ({scale}, {device}, {args.steps} steps)")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['method']} | {row['steps_per_second']} | {row['images_per_second']} | {row['loss']} |")
+    print(f"patch_mix of one view: {mixing['patch_mix_ms']} ms; written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
