@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -46,7 +48,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(method: str, scale: str, steps: int) -> dict[str, float | str]:
+def build(method: str, scale: str) -> tuple[Trainer, torch.Tensor, torch.Tensor]:
+    """A trainer of ``method`` at ``scale`` and one fixed uint8 batch, warmed up."""
     cfg = load_config(None, [*SCALES[scale], f"method.name={method}", "training.progress=false"])
     trainer = Trainer(cfg)
     size, batch = cfg.data.image_size, cfg.training.batch_size
@@ -56,23 +59,52 @@ def time_steps(method: str, scale: str, steps: int) -> dict[str, float | str]:
     trainer.method.train()
     for _ in range(3):  # warm-up: allocator, kernels
         trainer.train_step(images, labels)
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(trainer.device)
+    return trainer, images, labels
+
+
+def time_steps(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+    """Seconds per training step over ``steps`` steps."""
     sync(trainer.device)
     start = time.perf_counter()
     for _ in range(steps):
-        logs = trainer.train_step(images, labels)
+        trainer.train_step(images, labels)
     sync(trainer.device)
-    seconds = time.perf_counter() - start
-    row: dict[str, float | str] = {
-        "method": method,
-        "steps_per_second": round(steps / seconds, 3),
-        "images_per_second": round(steps * batch / seconds, 1),
-        "loss": round(float(logs["loss"]), 4),
-    }
-    if trainer.device.type == "cuda":
-        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)
-    return row
+    return (time.perf_counter() - start) / steps
+
+
+def measure(scale: str, steps: int, repeats: int) -> list[dict[str, float | str]]:
+    """Each method timed ``repeats`` times, interleaved so machine noise hits all alike; medians.
+
+    One trainer lives at a time, so the GPU's peak memory is that method's alone.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in METHOD_NAMES}
+    peaks: dict[str, float] = {}
+    batch = 0
+    for _ in range(repeats):
+        for name in METHOD_NAMES:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            trainer, images, labels = build(name, scale)
+            seconds[name].append(time_steps(trainer, images, labels, steps))
+            batch = images.shape[0]
+            if trainer.device.type == "cuda":
+                peaks[name] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+            del trainer, images, labels
+            gc.collect()
+    rows: list[dict[str, float | str]] = []
+    for name in METHOD_NAMES:
+        step = statistics.median(seconds[name])
+        row: dict[str, float | str] = {
+            "method": name,
+            "steps_per_second": round(1 / step, 3),
+            "images_per_second": round(batch / step, 1),
+            "steps_per_second_runs": ", ".join(f"{1 / s:.3f}" for s in seconds[name]),
+        }
+        if name in peaks:
+            row["peak_memory_gib"] = round(peaks[name], 2)
+        rows.append(row)
+    return rows
 
 
 def time_mixing(scale: str, steps: int) -> dict[str, float]:
@@ -93,11 +125,12 @@ def time_mixing(scale: str, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", choices=["auto", "cpu", "gpu"], default="auto")
     args = parser.parse_args()
     scale = args.scale if args.scale != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    rows = [time_steps(name, scale, args.steps) for name in METHOD_NAMES]
+    rows = measure(scale, args.steps, args.repeats)
     mixing = time_mixing(scale, args.steps)
     device = torch.cuda.get_device_name() if scale == "gpu" else platform.processor() or platform.machine()
     result = {
@@ -108,15 +141,18 @@ def main() -> None:
         "torch": torch.__version__,
         "config": SCALES[scale],
         "steps": args.steps,
+        "repeats": args.repeats,
         "methods": rows,
         **mixing,
     }
     out = ROOT / "benchmarks" / "results" / f"method_step-{scale}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| method | steps/s | images/s | loss |  ({scale}, {device}, {args.steps} steps)")
-    print("|---|---|---|---|")
+    print(
+        f"| method | steps/s | images/s |  ({scale}, {device}, median of {args.repeats} x {args.steps} steps)"
+    )
+    print("|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | {row['steps_per_second']} | {row['images_per_second']} | {row['loss']} |")
+        print(f"| {row['method']} | {row['steps_per_second']} | {row['images_per_second']} |")
     print(f"patch_mix of one view: {mixing['patch_mix_ms']} ms; written to {out.relative_to(ROOT)}")
 
 

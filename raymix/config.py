@@ -78,6 +78,10 @@ class BackboneConfig(Section):
     num_heads: int | None = Field(None, ge=1, description="ViT heads override")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     cifar_stem: bool = Field(True, description="ResNet: 3x3 stride-1 stem and no max-pool")
+    key_bn_groups: int = Field(
+        4, ge=1, description="ResNet keys on one worker: shuffle the batch and normalise it in this "
+        "many BatchNorm groups (shuffle BN against the BN leak); 1: off. Several workers sync BN instead",
+    )  # fmt: skip
 
 
 class HeadConfig(Section):
@@ -97,9 +101,14 @@ class ContrastConfig(Section):
     momentum_schedule: Literal["cosine", "constant"] = "cosine"
 
 
-class MocoConfig(ContrastConfig):
-    name: Literal["moco"] = "moco"
+class QueueConfig(ContrastConfig):
+    """A base whose loss can take extra negatives from a MoCo v2 queue of past clean keys."""
+
     queue_size: int = Field(0, ge=0, description="MoCo v2 queue of past keys; 0 disables it")
+
+
+class MocoConfig(QueueConfig):
+    name: Literal["moco"] = "moco"
 
 
 class PatchMixConfig(ContrastConfig):
@@ -117,11 +126,24 @@ class PatchMixConfig(ContrastConfig):
     )
 
 
+class UnmixConfig(QueueConfig):
+    """Un-Mix (METHODS.md section 2): global and region mixtures with the reversed batch."""
+
+    name: Literal["unmix"] = "unmix"
+    prob_global: Probability = Field(0.5, description="P: share of steps that mix globally (mixup)")
+    beta: float = Field(1.0, gt=0.0, description="lambda ~ Beta(beta, beta), one per step")
+    symmetric: bool = Field(True, description="both views as queries (CIFAR default); false: view 1 only")
+
+
 # One entry per method; the union below is discriminated by ``method.name``.
-METHOD_CONFIGS: dict[str, type[ContrastConfig]] = {"moco": MocoConfig, "patchmix": PatchMixConfig}
+METHOD_CONFIGS: dict[str, type[ContrastConfig]] = {
+    "moco": MocoConfig,
+    "patchmix": PatchMixConfig,
+    "unmix": UnmixConfig,
+}
 METHOD_NAMES = tuple(METHOD_CONFIGS)
 DEFAULT_METHOD = "moco"
-MethodConfig = Annotated[MocoConfig | PatchMixConfig, Field(discriminator="name")]
+MethodConfig = Annotated[MocoConfig | PatchMixConfig | UnmixConfig, Field(discriminator="name")]
 
 
 class OptimConfig(Section):
@@ -227,8 +249,22 @@ class Config(Section):
             )
         if self.data.name in ("cifar10", "cifar100", "stl10", "imagefolder") and not self.data.root:
             raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+        local_batch = self.training.batch_size // self.scaling.num_workers
+        groups = self.backbone.key_bn_groups
+        if self.backbone.name.startswith("resnet") and self.scaling.num_workers == 1 and groups > 1:
+            if local_batch < 2 * groups:
+                raise ValueError(
+                    f"backbone.key_bn_groups={groups} leaves fewer than 2 images per BatchNorm group "
+                    f"in a batch of {local_batch}; allowed: 1..{local_batch // 2}"
+                )
         if isinstance(self.method, PatchMixConfig):
             self._check_patchmix(self.method)
+        if isinstance(self.method, UnmixConfig) and local_batch < 2:
+            raise ValueError(
+                f"method.name=unmix mixes each image with its partner in the reversed batch, but the "
+                f"per-worker batch (training.batch_size={self.training.batch_size} / "
+                f"scaling.num_workers={self.scaling.num_workers}) is 1 image; allowed: 2 or more"
+            )
         return self
 
     def _check_patchmix(self, method: PatchMixConfig) -> None:

@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 from raymix import dist
 from raymix.config import load_config
 from raymix.methods import build_method
-from raymix.methods.patchmix import mix_seed, patch_mix, patchmix_targets, smooth
+from raymix.methods.base import mix_seed
+from raymix.methods.patchmix import patch_mix, patchmix_targets, smooth
+from raymix.methods.unmix import sample_unmix, unmix_images
 from raymix.models.syncbn import GlobalBatchNorm, convert_batchnorm
 
 TINY = ["data.image_size=16", "head.hidden_dim=32", "head.out_dim=16"]
@@ -30,6 +32,11 @@ CASES = {
     "patchmix-momentum-m3": [
         *VIT, "backbone.patch_size=4", "method.name=patchmix", "method.mix_num=3",
         "method.momentum=0.99", "method.smoothing_mixed=0.1",
+    ],
+    "unmix-vit-symmetric-queue": [*VIT, "method.name=unmix", "method.queue_size=16"],
+    "unmix-resnet18-asymmetric-region": [
+        "backbone.name=resnet18", "method.name=unmix", "method.symmetric=false",
+        "method.prob_global=0", "method.queue_size=16",
     ],
 }  # fmt: skip
 WORLD, BATCH = 2, 8
@@ -54,12 +61,29 @@ def _patchmix_one_process(method, view1, view2):
     return method.contrast(view1, view2, mixes, targets)
 
 
+def _unmix_one_process(method, view1, view2):
+    """Un-Mix mixes each worker's batch with its own reverse: mix each half as its worker
+    does, with the same (seed, step) generator, and pair rows within their half."""
+    halves, partners, half = [], [], BATCH // WORLD
+    for rank in range(WORLD):
+        g = torch.Generator().manual_seed(mix_seed(0, 0))
+        mode, lam = sample_unmix(method.beta, method.prob_global, g)
+        mixed, lam = unmix_images(view1[rank * half : (rank + 1) * half], lam, mode, g)
+        halves.append(mixed)
+        partners.append(torch.arange(rank * half, (rank + 1) * half).flip(0))
+    return method.contrast(view1, view2, torch.cat(halves), lam, torch.cat(partners))
+
+
 # How one process computes what the workers compute together (default: the same forward).
-ONE_PROCESS = {name: _patchmix_one_process for name in CASES if name.startswith("patchmix")}
+ONE_PROCESS = {
+    name: _patchmix_one_process if name.startswith("patchmix") else _unmix_one_process
+    for name in CASES
+    if name.startswith(("patchmix", "unmix"))
+}
 
 
-def _config(case: str):
-    return load_config(None, TINY + CASES[case])
+def _config(case: str, *extra: str):
+    return load_config(None, TINY + CASES[case] + list(extra))
 
 
 def _batch():
@@ -113,7 +137,9 @@ def two_workers(tmp_path_factory) -> Path:
 def test_two_workers_equal_one_process(two_workers: Path, case: str) -> None:
     got = torch.load(two_workers / f"{case}.pt")
     torch.manual_seed(0)
-    method = build_method(_config(case))
+    # Workers synchronise BatchNorm (a ResNet's keys are not shuffled there); one process
+    # normalises the whole batch at once.
+    method = build_method(_config(case, "backbone.key_bn_groups=1"))
     loss, grads, queue, running = _step(method, method, *_batch(), ONE_PROCESS.get(case))
 
     torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-5)

@@ -42,6 +42,8 @@ class ContrastiveMethod(nn.Module):
         self.temperature = method.temperature
         self.base_momentum = method.momentum
         self.momentum_schedule = method.momentum_schedule
+        # Shuffle BN (He et al. 2020, section 3.3) on one worker for a ResNet's keys.
+        self.key_bn_groups = cfg.backbone.key_bn_groups if cfg.backbone.name.startswith("resnet") else 1
         self.key_backbone: nn.Module | None = None
         self.key_projector: nn.Module | None = None
         if method.momentum is not None:
@@ -62,7 +64,22 @@ class ContrastiveMethod(nn.Module):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Key-branch projections (B, out_dim), never with gradient."""
+        """Key-branch projections (B, out_dim), never with gradient.
+
+        A ResNet key encoder on one worker would normalise each key with statistics of the
+        very batch its positive query comes from (the BatchNorm leak). In training it then
+        sees the batch shuffled and cut into ``backbone.key_bn_groups`` groups, each
+        normalised alone, and the keys are put back in order. Several workers synchronise
+        BatchNorm across workers instead.
+        """
+        groups = self.key_bn_groups
+        if groups == 1 or not self.training or dist.is_distributed():
+            return self._encode_keys(x)
+        order = torch.randperm(x.shape[0], device=x.device)
+        keys = torch.cat([self._encode_keys(chunk) for chunk in x[order].tensor_split(groups)])
+        return torch.empty_like(keys).index_copy_(0, order, keys)
+
+    def _encode_keys(self, x: torch.Tensor) -> torch.Tensor:
         if self.key_backbone is None or self.key_projector is None:
             return self.projector(self.backbone(x)).detach()
         return self.key_projector(self.key_backbone(x))
@@ -109,3 +126,35 @@ class ContrastiveMethod(nn.Module):
         self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s mixing generator: equal on every worker, new every step."""
+    return (seed * 1_000_003 + step) % 2**63
+
+
+class MixingMethod(ContrastiveMethod):
+    """A method that mixes images with randomness shared by every worker.
+
+    :meth:`step_generator` gives each training step a CPU generator seeded by
+    (training.seed, step), so workers draw the same mixing and a resumed run draws what an
+    uninterrupted one would: the step counter is saved in the state dict.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.seed = cfg.training.seed
+        self.mix_step = 0  # training forwards so far
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"mix_step": self.mix_step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.mix_step = int(state["mix_step"])
+
+    def step_generator(self) -> torch.Generator:
+        """This step's generator; the step advances in training mode only."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.mix_step))
+        if self.training:
+            self.mix_step += 1
+        return generator

@@ -14,7 +14,7 @@ import torch
 from raymix import dist
 from raymix.config import Config, PatchMixConfig
 from raymix.losses import soft_contrast
-from raymix.methods.base import ContrastiveMethod
+from raymix.methods.base import MixingMethod
 
 
 def patch_mix(
@@ -87,20 +87,15 @@ def smooth(targets: torch.Tensor, epsilon: float) -> torch.Tensor:
     return (1.0 - epsilon) * targets + epsilon / targets.shape[1]
 
 
-def mix_seed(seed: int, step: int) -> int:
-    """The seed of step ``step``'s mixing generator: equal on every worker, new every step."""
-    return (seed * 1_000_003 + step) % 2**63
-
-
-class PatchMix(ContrastiveMethod):
+class PatchMix(MixingMethod):
     """PatchMix on the MoCo v3 base (METHODS.md section 1).
 
     Each step: f(x1), g(x2), g(x1), g(mix1), f(mix2); g(x1) is the online projection of
     x1 under no_grad (no extra pass) when there is no momentum encoder. The loss is
     ``l(f(x1), g(x2), Y_oo) + w * l(f(mix2), g(x1), Y_mo) + w * l(f(mix2), g(mix1), Y_mm)``
     with soft targets over the keys gathered from every worker. Each worker mixes its own
-    batch; the permutations and the mix-or-not draw come from a generator seeded by
-    (training.seed, step), so every worker draws the same ones.
+    batch; the permutations and the mix-or-not draw come from the step's generator, the
+    same on every worker.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -113,17 +108,7 @@ class PatchMix(ContrastiveMethod):
         self.smoothing_oo = method.smoothing_oo
         self.smoothing_mixed = method.smoothing_mixed
         self.patch_size = method.mix_patch_size or cfg.backbone.patch_size
-        self.seed = cfg.training.seed
-        self.mix_step = 0  # training forwards so far; saved in the state dict
         self._targets: dict[tuple[int, int, int, str], tuple[torch.Tensor, ...]] = {}
-
-    # -- state: the step counter travels with the weights, so a resumed run mixes alike
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"mix_step": self.mix_step}
-
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self.mix_step = int(state["mix_step"])
 
     # -- mixing and targets
 
@@ -131,9 +116,7 @@ class PatchMix(ContrastiveMethod):
         self, view1: torch.Tensor, view2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This step's (mix1, mix2), or None when the step does not mix (probability 1 - mix_prob)."""
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.mix_step))
-        if self.training:
-            self.mix_step += 1
+        generator = self.step_generator()
         if torch.rand((), generator=generator).item() >= self.mix_prob:
             return None
         mix1, _ = patch_mix(view1, self.num_mix, self.patch_size, generator)

@@ -44,6 +44,7 @@ def params(trainer: Trainer) -> dict[str, torch.Tensor]:
         ["method.queue_size=48"],
         ["method.momentum=null", "optim.name=sgd"],
         ["method.name=patchmix", "method.mix_prob=0.5"],  # the mixing step counter resumes too
+        ["method.name=unmix", "method.queue_size=48"],
     ],
 )
 def test_resume_gives_the_identical_next_epoch(tmp_path, extra):

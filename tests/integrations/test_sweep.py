@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from raymix.cli import main
-from raymix.config import load_config
+from raymix.config import METHOD_NAMES, load_config
 from raymix.integrations import leaderboard, sweep
 from raymix.integrations.search_space import SearchSpaceError
 
@@ -196,17 +196,17 @@ def test_multi_worker_trials_run_ray_train(local_ray, tracking, tmp_path):
 
 
 def test_the_shipped_cross_method_space_trains_each_method(local_ray, tracking, tmp_path):
-    """all_methods.yaml, shrunk to its two given points (MoCo, then PatchMix) and one epoch."""
+    """all_methods.yaml, shrunk to its given points (one per method) and one epoch."""
     space = yaml.safe_load((ROOT / "search_spaces" / "all_methods.yaml").read_text())
     space.update(
-        base=str(DIGITS), overrides={**TINY, "training.epochs": 1}, num_samples=2,
-        storage_path=str(tmp_path / "sweeps"), scheduler={"type": "none"},
+        base=str(DIGITS), overrides={**TINY, "training.epochs": 1}, scheduler={"type": "none"},
+        num_samples=len(space["points_to_evaluate"]), storage_path=str(tmp_path / "sweeps"),
     )  # fmt: skip
     path = tmp_path / "all_methods.yaml"
     path.write_text(yaml.safe_dump(space))
     board = sweep.run_sweep(path, log=lambda _: None)
-    assert [row.outcome for row in board.rows] == ["completed", "completed"]
-    assert sorted(row.point["method.name"] for row in board.rows) == ["moco", "patchmix"]
+    assert [row.outcome for row in board.rows] == ["completed"] * len(METHOD_NAMES)
+    assert sorted(row.point["method.name"] for row in board.rows) == sorted(METHOD_NAMES)
     client, _, children = mlflow_runs(tracking)
     by_method = {run.data.params["method.name"]: run for run in children}
     patchmix, moco = by_method["patchmix"], by_method["moco"]
@@ -214,6 +214,8 @@ def test_the_shipped_cross_method_space_trains_each_method(local_ray, tracking, 
     assert terms | {"knn_top1"} <= patchmix.data.metrics.keys()
     assert "loss/contrast" in moco.data.metrics and "loss/mixed_mixed" not in moco.data.metrics
     assert "method.queue_size" not in patchmix.data.params and patchmix.data.params["method.mix_num"] == "2"
+    unmix = by_method["unmix"]
+    assert {"loss/clean", "loss/mixed", "unmix/lambda"} <= unmix.data.metrics.keys()
 
 
 def test_trial_resources_and_concurrency(tmp_path):

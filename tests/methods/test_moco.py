@@ -104,3 +104,38 @@ def test_queue_adds_negatives_to_the_loss():
     plain = make()(x1, x2)[0]
     queued = make("method.queue_size=64")(x1, x2)[0]
     assert queued > plain  # more negatives in the denominator
+
+
+@pytest.mark.parametrize("momentum", ["0.99", "null"])
+def test_resnet_keys_use_shuffled_batchnorm_groups_on_one_worker(momentum):
+    """Each key is normalised with the statistics of its own group of the shuffled batch."""
+    method = make("backbone.name=resnet18", "backbone.key_bn_groups=2", f"method.momentum={momentum}")
+    encode = method._encode_keys
+    x = torch.randn(8, 3, 16, 16)
+    torch.manual_seed(5)
+    order = torch.randperm(8)
+    expected = torch.empty(8, 16)
+    for group in order.tensor_split(2):
+        expected[group] = encode(x[group])
+    torch.manual_seed(5)
+    torch.testing.assert_close(method.keys(x), expected)
+    # Not what the whole batch would give: its statistics mix both groups.
+    assert not torch.allclose(method.keys(x), encode(x), atol=1e-3)
+    # Changing an image of the other group leaves a key alone.
+    torch.manual_seed(5)
+    before = method.keys(x)
+    changed = x.clone()
+    changed[order[4]] += 5.0  # in the second group
+    torch.manual_seed(5)
+    after = method.keys(changed)
+    torch.testing.assert_close(after[order[:4]], before[order[:4]])
+    # Evaluation uses running statistics: no shuffle, no groups.
+    method.eval()
+    torch.testing.assert_close(method.keys(x), encode(x))
+
+
+def test_vit_keys_and_grouping_off_see_the_whole_batch():
+    assert make().key_bn_groups == 1  # a ViT's heads: the MoCo v3 recipe, no shuffle
+    method = make("backbone.name=resnet18", "backbone.key_bn_groups=1")
+    x = torch.randn(8, 3, 16, 16)
+    torch.testing.assert_close(method.keys(x), method._encode_keys(x))

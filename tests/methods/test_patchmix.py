@@ -8,7 +8,8 @@ import torch
 from raymix.config import ConfigError, load_config
 from raymix.engine.run import fit
 from raymix.methods import build_method
-from raymix.methods.patchmix import mix_seed, patch_mix, patchmix_targets, smooth
+from raymix.methods.base import mix_seed
+from raymix.methods.patchmix import patch_mix, patchmix_targets, smooth
 
 TINY = [
     "method.name=patchmix",

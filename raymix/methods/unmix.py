@@ -1,0 +1,138 @@
+"""Un-Mix (METHODS.md section 2; Shen et al., AAAI 2022, arXiv 2003.05438).
+
+Each step mixes view 1 with itself in reverse batch order, globally (mixup) or in a box
+(CutMix), with one ratio lambda ~ Beta(beta, beta). The mixture's queries contrast with
+the clean keys, weighted by how much of each image they hold. ``sample_unmix`` and
+``unmix_images`` are pure; :class:`UnMix` is the method that trains with them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Literal
+
+import torch
+
+from raymix import dist
+from raymix.config import Config, UnmixConfig
+from raymix.losses import info_nce
+from raymix.methods.base import MixingMethod
+
+Mode = Literal["global", "region"]
+
+
+def sample_unmix(
+    beta: float, prob_global: float, generator: torch.Generator | None = None
+) -> tuple[Mode, float]:
+    """One step's (mode, lambda): r ~ U(0, 1) picks "global" when r < prob_global, else
+    "region"; lambda ~ Beta(beta, beta), one value for the whole batch.
+
+    Both draws derive from ``generator`` (a CPU generator): r directly, lambda through a
+    stdlib ``random.Random`` seeded from it (torch's Beta takes no generator).
+    """
+    r = torch.rand((), generator=generator).item()
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    lam = random.Random(seed).betavariate(beta, beta)
+    return ("global" if r < prob_global else "region"), lam
+
+
+def region_box(
+    height: int, width: int, lam: float, generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a box with sides ``sqrt(1 - lam)`` of the image's
+    (floored to whole pixels), centred on a uniformly drawn pixel, clipped to the image."""
+    ratio = math.sqrt(1.0 - lam)
+    box_h, box_w = int(height * ratio), int(width * ratio)
+    cy = int(torch.randint(0, height, (), generator=generator))
+    cx = int(torch.randint(0, width, (), generator=generator))
+    top, left = cy - box_h // 2, cx - box_w // 2
+    return max(top, 0), min(top + box_h, height), max(left, 0), min(left + box_w, width)
+
+
+def unmix_images(
+    images: torch.Tensor, lam: float, mode: Mode, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, float]:
+    """Mix each image with its partner in the reversed batch (image i with image B - 1 - i).
+
+    "global": ``lam * x + (1 - lam) * x.flip(0)``, and lambda is returned as given.
+    "region": x with the box of :func:`region_box` (drawn from ``generator``) filled from
+    ``x.flip(0)``; the returned lambda is the share of x left, ``1 - box area / image area``.
+    images: (B, C, H, W); returns the mixed batch of the same shape and the effective lambda.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam={lam} must lie in [0, 1]")
+    reversed_batch = images.flip(0)
+    if mode == "global":
+        return lam * images + (1.0 - lam) * reversed_batch, lam
+    if mode != "region":
+        raise ValueError(f"mode={mode!r}; allowed: 'global', 'region'")
+    height, width = images.shape[-2:]
+    top, bottom, left, right = region_box(height, width, lam, generator)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = reversed_batch[..., top:bottom, left:right]
+    return mixed, 1.0 - (bottom - top) * (right - left) / (height * width)
+
+
+class UnMix(MixingMethod):
+    """Un-Mix on the MoCo v3 base, with or without a queue.
+
+    Asymmetric: ``l(q1, k2) + lam * l(qm, k2) + (1 - lam) * l(qmf, k2)``; symmetric adds
+    the same with q2 and k1. l is the base contrast (2 tau CE, queue negatives appended);
+    qm are the online embeddings of the mixture of view 1, qmf = qm reversed (the mixture
+    with the roles of the two images swapped, without a second pass). Only clean keys are
+    enqueued. lambda, the mode and the box come from the step's generator, the same on
+    every worker; each worker mixes its own batch.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        method = cfg.method
+        assert isinstance(method, UnmixConfig)
+        self.prob_global = method.prob_global
+        self.beta = method.beta
+        self.symmetric = method.symmetric
+
+    def forward(
+        self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        generator = self.step_generator()
+        mode, lam = sample_unmix(self.beta, self.prob_global, generator)
+        mixed, lam = unmix_images(view1, lam, mode, generator)
+        loss, logs = self.contrast(view1, view2, mixed, lam)
+        logs["unmix/lambda"] = torch.tensor(lam, device=view1.device)
+        logs["unmix/global"] = torch.tensor(float(mode == "global"), device=view1.device)
+        return loss, logs
+
+    def contrast(
+        self,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        mixed: torch.Tensor,
+        lam: float,
+        partner: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of given views, the mixture of view 1 and its effective lambda.
+
+        ``partner[i]`` is the row mixed into row i (default: the reversed batch, B - 1 - i);
+        the swapped mixture's queries are ``q_mix[partner]``.
+        """
+        offset, negatives, tau = self.offset(view1.shape[0]), self.negatives(), self.temperature
+        _, q1 = self.online(view1)
+        _, q_mix = self.online(mixed)
+        q_flip = q_mix.flip(0) if partner is None else q_mix[partner]
+        keys = [dist.gather_no_grad(self.keys(view2))]  # k2
+        queries = [q1]
+        if self.symmetric:
+            queries.append(self.online(view2)[1])
+            keys.append(dist.gather_no_grad(self.keys(view1)))  # k1
+        clean = sum(info_nce(q, k, offset, tau, negatives) for q, k in zip(queries, keys, strict=True))
+        mixed_loss = sum(
+            lam * info_nce(q_mix, k, offset, tau, negatives)
+            + (1.0 - lam) * info_nce(q_flip, k, offset, tau, negatives)
+            for k in keys
+        )
+        assert isinstance(clean, torch.Tensor) and isinstance(mixed_loss, torch.Tensor)
+        self.enqueue(torch.cat(keys[::-1]))  # (k1, k2), as MoCo enqueues them
+        logs = {"loss/clean": clean.detach(), "loss/mixed": mixed_loss.detach()}
+        return clean + mixed_loss, logs
