@@ -1,4 +1,4 @@
-"""Training steps per second of each method on one device, and what PatchMix's mixing costs.
+"""Training steps per second of each method on one device, and what mixing and look-ups cost.
 
 Every method trains the same backbone on the same uint8 batch through ``Trainer.train_step``
 (augmentation, forward passes, backward, optimiser, EMA). Two scales:
@@ -6,7 +6,7 @@ Every method trains the same backbone on the same uint8 batch through ``Trainer.
 - ``cpu``: the quickstart's ViT at 16 px, batch 64 (what tests and the quickstart run);
 - ``gpu``: ViT-T/2 at 32 px, batch 512, bf16 (the CIFAR recipes), only where CUDA is seen.
 
-    .venv/bin/python benchmarks/method_step.py [--steps 20] [--scale auto|cpu|gpu]
+    .venv/bin/python benchmarks/method_step.py [--steps 30] [--repeats 3] [--scale auto|cpu|gpu]
 
 No Ray needed. Writes benchmarks/results/method_step-<scale>-<date>.json and prints a
 Markdown table.
@@ -28,6 +28,7 @@ import torch
 from raymix.config import METHOD_NAMES, load_config
 from raymix.engine.trainer import Trainer
 from raymix.methods.patchmix import patch_mix
+from raymix.methods.snclr import bank_topk
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = {
@@ -38,9 +39,14 @@ SCALES = {
     "gpu": [
         "data.name=synthetic", "data.image_size=32", "backbone.name=vit_tiny", "backbone.patch_size=2",
         "head.hidden_dim=4096", "head.out_dim=256", "training.batch_size=512", "training.device=cuda",
-        "training.precision=bf16",
+        "training.precision=bf16", "data.synthetic_train_size=20000",
     ],
 }  # fmt: skip
+# Per method and scale: what its recipe sets beyond the scale (SNCLR's bank fits the data).
+METHOD_OVERRIDES = {
+    ("snclr", "cpu"): ["method.bank_size=1024", "method.num_neighbors=5"],
+    ("snclr", "gpu"): ["method.bank_size=16384"],
+}
 
 
 def sync(device: torch.device) -> None:
@@ -50,7 +56,8 @@ def sync(device: torch.device) -> None:
 
 def build(method: str, scale: str) -> tuple[Trainer, torch.Tensor, torch.Tensor]:
     """A trainer of ``method`` at ``scale`` and one fixed uint8 batch, warmed up."""
-    cfg = load_config(None, [*SCALES[scale], f"method.name={method}", "training.progress=false"])
+    extra = METHOD_OVERRIDES.get((method, scale), [])
+    cfg = load_config(None, [*SCALES[scale], f"method.name={method}", *extra, "training.progress=false"])
     trainer = Trainer(cfg)
     size, batch = cfg.data.image_size, cfg.training.batch_size
     generator = torch.Generator().manual_seed(0)
@@ -123,6 +130,24 @@ def time_mixing(scale: str, steps: int) -> dict[str, float]:
     return {"patch_mix_ms": round(1000 * (time.perf_counter() - start) / steps, 3)}
 
 
+def time_bank_lookup(scale: str, repeats: int) -> dict[str, float]:
+    """SNCLR's top-30 look-up of one batch of keys in a bank of 65,536 x 256 (the largest searched)."""
+    device = torch.device("cuda" if scale == "gpu" else "cpu")
+    batch = 512 if scale == "gpu" else 256
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(batch, 256, generator=generator).to(device)
+    bank = torch.randn(65536, 256, generator=generator).to(device)
+    bank_topk(keys, bank, 30)
+    times = []
+    for _ in range(max(repeats, 3)):
+        sync(device)
+        start = time.perf_counter()
+        bank_topk(keys, bank, 30)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {"bank_lookup_keys": batch, "bank_lookup_ms": round(1000 * statistics.median(times), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -131,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     scale = args.scale if args.scale != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     rows = measure(scale, args.steps, args.repeats)
-    mixing = time_mixing(scale, args.steps)
+    mixing = {**time_mixing(scale, args.steps), **time_bank_lookup(scale, args.repeats)}
     device = torch.cuda.get_device_name() if scale == "gpu" else platform.processor() or platform.machine()
     result = {
         "date": datetime.date.today().isoformat(),
@@ -140,6 +165,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "config": SCALES[scale],
+        "method_overrides": {m: o for (m, sc), o in METHOD_OVERRIDES.items() if sc == scale},
         "steps": args.steps,
         "repeats": args.repeats,
         "methods": rows,
@@ -153,7 +179,9 @@ def main() -> None:
     print("|---|---|---|")
     for row in rows:
         print(f"| {row['method']} | {row['steps_per_second']} | {row['images_per_second']} |")
-    print(f"patch_mix of one view: {mixing['patch_mix_ms']} ms; written to {out.relative_to(ROOT)}")
+    print(f"patch_mix of one view: {mixing['patch_mix_ms']} ms")
+    lookup = f"{mixing['bank_lookup_keys']} keys in a 65,536 x 256 bank: {mixing['bank_lookup_ms']} ms"
+    print(f"SNCLR top-30 look-up of {lookup}; written to {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -135,15 +135,40 @@ class UnmixConfig(QueueConfig):
     symmetric: bool = Field(True, description="both views as queries (CIFAR default); false: view 1 only")
 
 
+class SnclrConfig(ContrastConfig):
+    """SNCLR (METHODS.md section 3): bank neighbours of the key as soft positives."""
+
+    name: Literal["snclr"] = "snclr"
+    num_neighbors: int = Field(30, ge=1, description="K: bank neighbours per key")
+    bank_size: int = Field(
+        4096, ge=1, description="M: past view-2 keys per worker; at most the training images per worker"
+    )
+    weighting: Literal["attention", "uniform", "hard"] = Field(
+        "attention", description="attention: softmax of cosines to the anchor; uniform: 1/K; hard: top-1"
+    )
+    threshold: bool = Field(False, description="attention: drop weights below 1/K")
+    detach_weights: bool = Field(False, description="no gradient through the weights")
+
+    @model_validator(mode="after")
+    def _fits_bank(self) -> SnclrConfig:
+        if self.num_neighbors > self.bank_size:
+            raise ValueError(
+                f"method.num_neighbors={self.num_neighbors} is larger than method.bank_size="
+                f"{self.bank_size}; allowed: 1..{self.bank_size}"
+            )
+        return self
+
+
 # One entry per method; the union below is discriminated by ``method.name``.
 METHOD_CONFIGS: dict[str, type[ContrastConfig]] = {
     "moco": MocoConfig,
     "patchmix": PatchMixConfig,
     "unmix": UnmixConfig,
+    "snclr": SnclrConfig,
 }
 METHOD_NAMES = tuple(METHOD_CONFIGS)
 DEFAULT_METHOD = "moco"
-MethodConfig = Annotated[MocoConfig | PatchMixConfig | UnmixConfig, Field(discriminator="name")]
+MethodConfig = Annotated[MocoConfig | PatchMixConfig | UnmixConfig | SnclrConfig, Field(discriminator="name")]
 
 
 class OptimConfig(Section):

@@ -38,6 +38,12 @@ CASES = {
         "backbone.name=resnet18", "method.name=unmix", "method.symmetric=false",
         "method.prob_global=0", "method.queue_size=16",
     ],
+    # Each worker looks up its own bank; at the first step every bank holds the same start.
+    "snclr-vit": [*VIT, "method.name=snclr", "method.bank_size=32", "method.num_neighbors=4"],
+    "snclr-vit-hard-no-momentum": [
+        *VIT, "method.name=snclr", "method.bank_size=32", "method.num_neighbors=3",
+        "method.weighting=hard", "method.momentum=null",
+    ],
 }  # fmt: skip
 WORLD, BATCH = 2, 8
 
@@ -97,7 +103,9 @@ def _step(model, method, view1, view2, forward=None):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
     running = {n: b.clone() for n, b in method.named_buffers() if n.endswith("running_mean")}
-    return loss.detach(), grads, method.queue.clone(), running
+    # Keys that went into a queue; for SNCLR's per-worker bank, the rows rank 0 wrote.
+    queue = method.bank[: BATCH // WORLD].clone() if hasattr(method, "bank") else method.queue.clone()
+    return loss.detach(), grads, queue, running
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:

@@ -70,6 +70,7 @@ class Trainer:
 
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.method: ContrastiveMethod = build_method(cfg).to(self.device)
+        self.method.check_data(len(self.train_loader) * local_batch)
         if world_size > 1:
             convert_batchnorm(self.method, self.device)
         self.model = dist.data_parallel(self.method, self.device)

@@ -6,12 +6,14 @@ from raymix.config import Config
 from raymix.methods.base import ContrastiveMethod
 from raymix.methods.moco import MoCo
 from raymix.methods.patchmix import PatchMix
+from raymix.methods.snclr import SNCLR
 from raymix.methods.unmix import UnMix
 
 METHODS: dict[str, type[ContrastiveMethod]] = {
     "moco": MoCo,
     "patchmix": PatchMix,
     "unmix": UnMix,
+    "snclr": SNCLR,
 }
 
 

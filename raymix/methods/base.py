@@ -88,6 +88,9 @@ class ContrastiveMethod(nn.Module):
         """The encoder evaluated by kNN and the linear probe: the key encoder when there is one."""
         return self.key_backbone if self.key_backbone is not None else self.backbone
 
+    def check_data(self, train_images_per_worker: int) -> None:
+        """Refuse (ConfigError) a config that does not suit the training data's size."""
+
     # -- queue
 
     def negatives(self) -> torch.Tensor | None:

@@ -216,6 +216,7 @@ def test_the_shipped_cross_method_space_trains_each_method(local_ray, tracking, 
     assert "method.queue_size" not in patchmix.data.params and patchmix.data.params["method.mix_num"] == "2"
     unmix = by_method["unmix"]
     assert {"loss/clean", "loss/mixed", "unmix/lambda"} <= unmix.data.metrics.keys()
+    assert "snclr/weight_entropy" in by_method["snclr"].data.metrics
 
 
 def test_trial_resources_and_concurrency(tmp_path):
