@@ -28,6 +28,14 @@ BACKBONES = ("vit_micro", "vit_tiny", "vit_small", "vit_base", "resnet18", "resn
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
+# (timm architecture, embed_dim, depth, num_heads). vit_micro is a CPU-sized ViT.
+VIT_SIZES: dict[str, tuple[str, int, int, int]] = {
+    "vit_micro": ("vit_tiny_patch16_224", 96, 4, 3),
+    "vit_tiny": ("vit_tiny_patch16_224", 192, 12, 3),
+    "vit_small": ("vit_small_patch16_224", 384, 12, 6),
+    "vit_base": ("vit_base_patch16_224", 768, 12, 12),
+}
+
 
 class DataConfig(Section):
     name: Literal["digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder"] = "digits"
@@ -159,16 +167,36 @@ class SnclrConfig(ContrastConfig):
         return self
 
 
+class SelfconConfig(Section):
+    """SelfCon (METHODS.md section 4): supervised contrast between the backbone and exits."""
+
+    name: Literal["selfcon"] = "selfcon"
+    temperature: float = Field(0.1, gt=0.0, le=10.0)
+    exits: list[bool] | None = Field(
+        None, description="one flag per attachment point (ResNet: after layer1..3; ViT: after each "
+        "block but the last); null: the middle point only",
+    )  # fmt: skip
+    exit_size: Literal["fc", "small", "same"] = Field(
+        "fc", description="fc: pool + Linear; same: a copy of the following layers; small: half of them"
+    )
+    use_labels: bool = Field(
+        True, description="false: positives are the same image's other exits (SelfCon-SU)"
+    )
+
+
 # One entry per method; the union below is discriminated by ``method.name``.
-METHOD_CONFIGS: dict[str, type[ContrastConfig]] = {
+METHOD_CONFIGS: dict[str, type[Section]] = {
     "moco": MocoConfig,
     "patchmix": PatchMixConfig,
     "unmix": UnmixConfig,
     "snclr": SnclrConfig,
+    "selfcon": SelfconConfig,
 }
 METHOD_NAMES = tuple(METHOD_CONFIGS)
 DEFAULT_METHOD = "moco"
-MethodConfig = Annotated[MocoConfig | PatchMixConfig | UnmixConfig | SnclrConfig, Field(discriminator="name")]
+MethodConfig = Annotated[
+    MocoConfig | PatchMixConfig | UnmixConfig | SnclrConfig | SelfconConfig, Field(discriminator="name")
+]
 
 
 class OptimConfig(Section):
@@ -284,6 +312,8 @@ class Config(Section):
                 )
         if isinstance(self.method, PatchMixConfig):
             self._check_patchmix(self.method)
+        if isinstance(self.method, SelfconConfig):
+            self._check_exits(self.method)
         if isinstance(self.method, UnmixConfig) and local_batch < 2:
             raise ValueError(
                 f"method.name=unmix mixes each image with its partner in the reversed batch, but the "
@@ -291,6 +321,23 @@ class Config(Section):
                 f"scaling.num_workers={self.scaling.num_workers}) is 1 image; allowed: 2 or more"
             )
         return self
+
+    def _check_exits(self, method: SelfconConfig) -> None:
+        points = exit_points(self.backbone)
+        backbone = f"backbone.name={self.backbone.name}"
+        if self.backbone.name.startswith("vit"):
+            backbone += f" with depth {points + 1}"
+            if points < 1:
+                raise ValueError(
+                    f"backbone.depth={points + 1} leaves no attachment point for a SelfCon exit; "
+                    "allowed: depth >= 2"
+                )
+        if method.exits is not None and len(method.exits) != points:
+            raise ValueError(
+                f"method.exits has {len(method.exits)} flags; {backbone} has {points} attachment points"
+            )
+        if method.exits is not None and not any(method.exits):
+            raise ValueError("method.exits selects no exit; set at least one flag to true")
 
     def _check_patchmix(self, method: PatchMixConfig) -> None:
         backbone, size = self.backbone, self.data.image_size
@@ -332,6 +379,22 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def exit_points(backbone: BackboneConfig) -> int:
+    """SelfCon attachment points: 3 in a ResNet (after layer1..3); depth - 1 in a ViT."""
+    if backbone.name.startswith("resnet"):
+        return 3
+    return (backbone.depth or VIT_SIZES[backbone.name][2]) - 1
+
+
+def exit_flags(cfg: Config) -> list[bool]:
+    """SelfCon's exits with the default filled in: the middle attachment point only."""
+    assert isinstance(cfg.method, SelfconConfig)
+    if cfg.method.exits is not None:
+        return list(cfg.method.exits)
+    points = exit_points(cfg.backbone)
+    return [i == (points - 1) // 2 for i in range(points)]
 
 
 # ---------------------------------------------------------------- loading
@@ -413,8 +476,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def apply_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each dotted key set to its value (sections created as needed)."""
+    """Return a copy of ``raw`` with each dotted key set to its value (sections created as needed).
+
+    Setting ``method.name`` to another method starts that method from its own defaults: the
+    keys of the previous method's section that the new one lacks are dropped (the values
+    given alongside are kept, and checked).
+    """
     out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    name = values.get("method.name")
+    section = out.get("method")
+    if isinstance(name, str) and name in METHOD_CONFIGS and isinstance(section, dict):
+        if section.get("name", DEFAULT_METHOD) != name:
+            allowed = METHOD_CONFIGS[name].model_fields
+            out["method"] = {k: v for k, v in section.items() if k in allowed}
     for key, value in values.items():
         node = out
         parts = key.split(".")

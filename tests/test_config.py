@@ -115,3 +115,14 @@ def test_config_is_frozen():
 def test_round_trip_through_dict():
     cfg = load_config(None, ["method.queue_size=128", "optim.betas=[0.9, 0.95]"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_switching_method_drops_the_old_methods_keys_and_keeps_shared_ones():
+    digits = Path(__file__).parents[1] / "launch" / "experiments" / "digits.yaml"
+    cfg = load_config(digits, ["method.name=selfcon"])  # digits.yaml's moco has momentum: null
+    assert cfg.method.name == "selfcon" and cfg.method.temperature == 0.2  # kept from the file
+    cfg = load_config(digits, ["method.name=patchmix", "method.mix_num=3"])
+    assert cfg.method.momentum is None and cfg.method.mix_num == 3
+    # Without a switch an unknown key still fails, naming it.
+    with pytest.raises(ConfigError, match="unknown key 'method.mix_num'"):
+        load_config(digits, ["method.mix_num=3"])

@@ -65,13 +65,6 @@ def _standardise(
     return (train - mean) / std, (test - mean) / std
 
 
-def _top1(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose arg-max logit equals the label."""
-    with torch.no_grad():
-        pred = F.linear(features, weight, bias).argmax(dim=1)  # (M,)
-    return (pred == labels).float().mean().item()
-
-
 def _sgd_momentum_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -172,6 +165,33 @@ def _train_probe(
     seed: int,
 ) -> LinearProbeResult:
     """The SGD loop of :func:`linear_probe` on standardised features (arguments as there)."""
+    epochs_logits = _probe_epochs(
+        x_train, y_train, x_test, num_classes, epochs, lr, batch_size, weight_decay, seed
+    )
+    return _result([_accuracy(logits, y_test) for logits in epochs_logits])
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def _result(top1_per_epoch: list[float]) -> LinearProbeResult:
+    best = max(range(len(top1_per_epoch)), key=lambda e: (top1_per_epoch[e], -e))  # the first best epoch
+    return LinearProbeResult(best_top1=top1_per_epoch[best], last_top1=top1_per_epoch[-1], best_epoch=best)
+
+
+def _probe_epochs(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+) -> Iterator[torch.Tensor]:
+    """Train the head epoch by epoch; yield its test logits (M, K) after each epoch."""
     device = x_train.device
     n_train, dim = x_train.shape
     # A private CPU generator makes the run a function of ``seed`` alone (initialisation and
@@ -187,8 +207,7 @@ def _train_probe(
     steps_per_epoch = -(-n_train // batch_size)  # ceil division: the last partial batch is kept
     total_steps = epochs * steps_per_epoch
     step = 0
-    best_top1, best_epoch, last_top1 = -1.0, 0, 0.0
-    for epoch in range(epochs):
+    for _ in range(epochs):
         order = torch.randperm(n_train, generator=gen).to(device)  # (N,)
         for start in range(0, n_train, batch_size):
             idx = order[start : start + batch_size]  # (B,)
@@ -198,7 +217,46 @@ def _train_probe(
             step_lr = cosine_schedule(step, total_steps, lr, 0.0)
             _sgd_momentum_step(params, list(grads), momentum_bufs, step_lr, _MOMENTUM, weight_decay)
             step += 1
-        last_top1 = _top1(weight, bias, x_test, y_test)
-        if last_top1 > best_top1:  # strict: the first epoch reaching the best is reported
-            best_top1, best_epoch = last_top1, epoch
-    return LinearProbeResult(best_top1=best_top1, last_top1=last_top1, best_epoch=best_epoch)
+        with torch.no_grad():
+            test_logits = F.linear(x_test, weight, bias)
+        yield test_logits  # outside no_grad: probes trained side by side resume with gradients on
+
+
+def linear_probe_ensemble(
+    train_features: list[torch.Tensor],
+    train_labels: torch.Tensor,
+    test_features: list[torch.Tensor],
+    test_labels: torch.Tensor,
+    *,
+    epochs: int = 50,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[LinearProbeResult], LinearProbeResult]:
+    """One linear probe per feature set (as :func:`linear_probe`, the same seed and order),
+    and their ensemble: the class with the highest mean softmax probability.
+
+    Returns each set's result and the ensemble's, best and last over the same epochs.
+    """
+    if len(train_features) != len(test_features) or not train_features:
+        raise ValueError("give one test feature set per train feature set, at least one")
+    device = train_features[0].device
+    y_train = train_labels.to(device=device, dtype=torch.long)
+    y_test = test_labels.to(device=device, dtype=torch.long)
+    num_classes = int(max(y_train.max().item(), y_test.max().item())) + 1
+    runs = []
+    for train, test in zip(train_features, test_features, strict=True):
+        x_train, x_test = _standardise(train.float(), test.to(device).float())
+        runs.append(
+            _probe_epochs(x_train, y_train, x_test, num_classes, epochs, lr, batch_size, weight_decay, seed)
+        )
+    single: list[list[float]] = [[] for _ in runs]
+    ensemble: list[float] = []
+    with _cpu_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        for epoch_logits in zip(*runs, strict=True):
+            for i, logits in enumerate(epoch_logits):
+                single[i].append(_accuracy(logits, y_test))
+            mean_prob = torch.stack([logits.softmax(dim=1) for logits in epoch_logits]).mean(dim=0)
+            ensemble.append(_accuracy(mean_prob, y_test))
+    return [_result(top1) for top1 in single], _result(ensemble)

@@ -20,9 +20,9 @@ from raymix import dist
 from raymix.config import Config
 from raymix.data import BatchLoader, TwoViewAugment, build_datasets, normalize
 from raymix.engine.knn import knn_accuracies
-from raymix.engine.linear import linear_probe
+from raymix.engine.linear import linear_probe, linear_probe_ensemble
 from raymix.engine.optim import Schedules, build_optimizer
-from raymix.methods import ContrastiveMethod, build_method
+from raymix.methods import Method, build_method
 from raymix.models.syncbn import convert_batchnorm
 
 EVAL_BATCH = 512
@@ -69,8 +69,8 @@ class Trainer:
         )
 
         torch.manual_seed(seed)  # identical initial weights on every rank
-        self.method: ContrastiveMethod = build_method(cfg).to(self.device)
-        self.method.check_data(len(self.train_loader) * local_batch)
+        self.method: Method = build_method(cfg).to(self.device)
+        self.method.check_data(len(self.train_loader) * local_batch, self.train_data.num_classes)
         if world_size > 1:
             convert_batchnorm(self.method, self.device)
         self.model = dist.data_parallel(self.method, self.device)
@@ -155,9 +155,10 @@ class Trainer:
             module.train(was_training)
 
     @torch.no_grad()
-    def features(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features (N, D) float32 of every image of ``data`` (no augmentation) and labels."""
-        encoder = self.method.eval_backbone()
+    def features(self, data: Any, encoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, D) float32 of every image of ``data`` (no augmentation) and labels, from
+        ``encoder`` (default: the evaluated backbone)."""
+        encoder = encoder or self.method.eval_backbone()
         loader = BatchLoader(data, EVAL_BATCH, shuffle=False, drop_last=False, device=self.device)
         feats, labels = [], []
         with self._eval_mode(encoder):
@@ -180,12 +181,33 @@ class Trainer:
         metrics = {f"knn_top1_k{k}": acc for k, acc in accs.items()}
         metrics["knn_top1"] = accs[cfg.knn_k[0]]
         if linear:
-            result = linear_probe(
-                train_x, train_y, test_x, test_y, epochs=cfg.linear_epochs, lr=cfg.linear_lr,
-                batch_size=cfg.linear_batch_size, seed=self.cfg.training.seed,
-            )  # fmt: skip
-            metrics["linear_top1_best"] = result.best_top1
-            metrics["linear_top1_last"] = result.last_top1
+            metrics.update(self.linear_metrics(train_x, train_y, test_x, test_y))
+        return metrics
+
+    def linear_metrics(
+        self, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
+    ) -> dict[str, float]:
+        """``linear_top1_best``/``_last`` of the backbone (features given); with a method that has
+        more encoders (SelfCon's exits), ``linear_<name>_top1_*`` of each and of their ensemble."""
+        cfg = self.cfg.eval
+        probe = {
+            "epochs": cfg.linear_epochs, "lr": cfg.linear_lr, "batch_size": cfg.linear_batch_size,
+            "seed": self.cfg.training.seed,
+        }  # fmt: skip
+        encoders = self.method.probe_encoders()
+        if len(encoders) == 1:
+            result = linear_probe(train_x, train_y, test_x, test_y, **probe)  # type: ignore[arg-type]
+            return {"linear_top1_best": result.best_top1, "linear_top1_last": result.last_top1}
+        trains, tests = [train_x], [test_x]
+        for encoder in list(encoders.values())[1:]:
+            trains.append(self.features(self.train_data, encoder)[0])
+            tests.append(self.features(self.test_data, encoder)[0])
+        results, ensemble = linear_probe_ensemble(trains, train_y, tests, test_y, **probe)  # type: ignore[arg-type]
+        names = ["" if name == "backbone" else f"_{name}" for name in encoders] + ["_ensemble"]
+        metrics = {}
+        for name, result in zip(names, [*results, ensemble], strict=True):
+            metrics[f"linear{name}_top1_best"] = result.best_top1
+            metrics[f"linear{name}_top1_last"] = result.last_top1
         return metrics
 
     # ------------------------------------------------------------------ state

@@ -181,12 +181,7 @@ def applies(key: str, point: dict[str, Value], base: dict[str, Any]) -> bool:
 
 def config_for(base: dict[str, Any], point: dict[str, Value]) -> Config:
     """The validated config of one sampled point."""
-    raw = apply_values(base, point)
-    if "method.name" in point:
-        # A new method starts from its own defaults: drop keys of the base method it lacks.
-        allowed = {k.removeprefix("method.") for k in method_keys()[str(point["method.name"])]}
-        raw["method"] = {k: v for k, v in raw.get("method", {}).items() if k in allowed}
-    return config_from_dict(raw)
+    return config_from_dict(apply_values(base, point))  # a new method.name drops the old method's keys
 
 
 def trial_config(point: dict[str, Value], space: dict[str, Any], base: dict[str, Any]) -> Config:

@@ -14,28 +14,59 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymix import dist
-from raymix.config import Config
+from raymix.config import Config, ContrastConfig
 from raymix.models import build_backbone, ema_update, feature_dim, mlp, momentum_copy
 from raymix.schedules import momentum_schedule
 
 
-class ContrastiveMethod(nn.Module):
-    """Backbone, heads, key encoder and queue; subclasses define ``forward``.
+class Method(nn.Module):
+    """What the engine needs of a method; subclasses build their networks and ``forward``.
 
     ``forward(view1, view2, labels)`` returns ``(loss, logs)``: the scalar to minimise
     and a dict of detached scalars named like ``loss/contrast``. The engine wraps this
     module (DDP when distributed) and calls :meth:`after_step` after each optimiser step.
+    Every method has a ``backbone``.
     """
 
-    queue: torch.Tensor
-    queue_ptr: torch.Tensor
+    backbone: nn.Module
 
     #: Whether the trainer passes class labels to ``forward`` (only supervised methods).
     uses_labels = False
 
+    def check_data(self, train_images_per_worker: int, num_classes: int) -> None:
+        """Refuse (ConfigError) a config that does not suit the training data."""
+
+    def eval_backbone(self) -> nn.Module:
+        """The encoder evaluated by kNN and the linear probe."""
+        return self.backbone
+
+    def probe_encoders(self) -> dict[str, nn.Module]:
+        """Encoders the linear probe measures, by name ('backbone' first); several are also ensembled."""
+        return {"backbone": self.eval_backbone()}
+
+    def offset(self, local_batch: int) -> int:
+        """Row of this rank's first sample among rows gathered from every worker."""
+        return dist.rank() * local_batch
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimiser step (``step`` counts from 1)."""
+
+    def forward(
+        self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class ContrastiveMethod(Method):
+    """The MoCo v3 base: backbone, projector, predictor, key encoder and queue."""
+
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
+
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         method, head = cfg.method, cfg.head
+        assert isinstance(method, ContrastConfig)
         self.backbone = build_backbone(cfg.backbone, cfg.data.image_size)
         self.projector = mlp(feature_dim(self.backbone), head.hidden_dim, head.out_dim, head.projector_layers)
         self.predictor = mlp(head.out_dim, head.hidden_dim, head.out_dim, head.predictor_layers)
@@ -88,9 +119,6 @@ class ContrastiveMethod(nn.Module):
         """The encoder evaluated by kNN and the linear probe: the key encoder when there is one."""
         return self.key_backbone if self.key_backbone is not None else self.backbone
 
-    def check_data(self, train_images_per_worker: int) -> None:
-        """Refuse (ConfigError) a config that does not suit the training data's size."""
-
     # -- queue
 
     def negatives(self) -> torch.Tensor | None:
@@ -110,10 +138,6 @@ class ContrastiveMethod(nn.Module):
 
     # -- steps
 
-    def offset(self, local_batch: int) -> int:
-        """Column of this rank's first positive among the gathered keys."""
-        return dist.rank() * local_batch
-
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA update of the key encoder with the momentum of ``step``."""
@@ -124,11 +148,6 @@ class ContrastiveMethod(nn.Module):
             m = momentum_schedule(step, total_steps, m)
         ema_update(self.key_backbone, self.backbone, m)
         ema_update(self.key_projector, self.projector, m)
-
-    def forward(
-        self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
 
 
 def mix_seed(seed: int, step: int) -> int:

@@ -125,7 +125,7 @@ class SNCLR(ContrastiveMethod):
         self.register_buffer("bank", bank)
         self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
 
-    def check_data(self, train_images_per_worker: int) -> None:
+    def check_data(self, train_images_per_worker: int, num_classes: int) -> None:
         size = self.bank.shape[0]
         if size > train_images_per_worker:
             raise ConfigError(

@@ -10,15 +10,7 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from raymix.config import BackboneConfig
-
-# (timm architecture, embed_dim, depth, num_heads). vit_micro is a CPU-sized ViT.
-VIT_SIZES: dict[str, tuple[str, int, int, int]] = {
-    "vit_micro": ("vit_tiny_patch16_224", 96, 4, 3),
-    "vit_tiny": ("vit_tiny_patch16_224", 192, 12, 3),
-    "vit_small": ("vit_small_patch16_224", 384, 12, 6),
-    "vit_base": ("vit_base_patch16_224", 768, 12, 12),
-}
+from raymix.config import VIT_SIZES, BackboneConfig
 
 
 def build_backbone(cfg: BackboneConfig, image_size: int) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from raymix.engine.linear import LinearProbeResult, _sgd_momentum_step, linear_probe
+from raymix.engine.linear import LinearProbeResult, _sgd_momentum_step, linear_probe, linear_probe_ensemble
 
 
 def _separable(seed: int, n_train: int = 1347, n_test: int = 450, dim: int = 192, classes: int = 10):
@@ -93,3 +93,20 @@ def test_hand_written_sgd_matches_torch_optim() -> None:
         optimizer.step()
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b.detach())
+
+
+def test_ensemble_members_equal_single_probes_and_the_ensemble_combines_them() -> None:
+    x_train, y_train, x_test, y_test = _separable(3, n_train=300, n_test=200, dim=16)
+    noise_train = torch.randn(300, 16, generator=torch.Generator().manual_seed(4))
+    noise_test = torch.randn(200, 16, generator=torch.Generator().manual_seed(5))
+    kwargs = {"epochs": 5, "lr": 0.1, "batch_size": 64, "seed": 7}
+    (good, noise), ensemble = linear_probe_ensemble(
+        [x_train, noise_train], y_train, [x_test, noise_test], y_test, **kwargs
+    )
+    assert good == linear_probe(x_train, y_train, x_test, y_test, **kwargs)
+    assert noise == linear_probe(noise_train, y_train, noise_test, y_test, **kwargs)
+    assert good.best_top1 > 0.9 and noise.best_top1 < 0.3
+    assert noise.best_top1 < ensemble.best_top1 <= 1.0  # the informative member carries the vote
+    # Two copies of one set: the ensemble is that set's probe.
+    (a, b), same = linear_probe_ensemble([x_train, x_train], y_train, [x_test, x_test], y_test, **kwargs)
+    assert a == b and (same.best_top1, same.last_top1) == (a.best_top1, a.last_top1)

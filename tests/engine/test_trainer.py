@@ -46,6 +46,7 @@ def params(trainer: Trainer) -> dict[str, torch.Tensor]:
         ["method.name=patchmix", "method.mix_prob=0.5"],  # the mixing step counter resumes too
         ["method.name=unmix", "method.queue_size=48"],
         ["method.name=snclr", "method.bank_size=64", "method.num_neighbors=4"],  # the bank resumes
+        ["method.name=selfcon", "backbone.depth=2", "method.exit_size=same"],
     ],
 )
 def test_resume_gives_the_identical_next_epoch(tmp_path, extra):

@@ -199,7 +199,8 @@ def test_the_shipped_cross_method_space_trains_each_method(local_ray, tracking, 
     """all_methods.yaml, shrunk to its given points (one per method) and one epoch."""
     space = yaml.safe_load((ROOT / "search_spaces" / "all_methods.yaml").read_text())
     space.update(
-        base=str(DIGITS), overrides={**TINY, "training.epochs": 1}, scheduler={"type": "none"},
+        base=str(DIGITS), scheduler={"type": "none"},
+        overrides={**TINY, "training.epochs": 1, "backbone.depth": 2},  # SelfCon needs 2 blocks
         num_samples=len(space["points_to_evaluate"]), storage_path=str(tmp_path / "sweeps"),
     )  # fmt: skip
     path = tmp_path / "all_methods.yaml"
@@ -217,6 +218,7 @@ def test_the_shipped_cross_method_space_trains_each_method(local_ray, tracking, 
     unmix = by_method["unmix"]
     assert {"loss/clean", "loss/mixed", "unmix/lambda"} <= unmix.data.metrics.keys()
     assert "snclr/weight_entropy" in by_method["snclr"].data.metrics
+    assert "loss/supcon" in by_method["selfcon"].data.metrics
 
 
 def test_trial_resources_and_concurrency(tmp_path):
