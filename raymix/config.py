@@ -304,7 +304,13 @@ class Config(Section):
             raise ValueError(f"data.root is required for data.name={self.data.name!r}")
         local_batch = self.training.batch_size // self.scaling.num_workers
         groups = self.backbone.key_bn_groups
-        if self.backbone.name.startswith("resnet") and self.scaling.num_workers == 1 and groups > 1:
+        has_keys = isinstance(self.method, ContrastConfig)  # SelfCon has no key encoder
+        if (
+            has_keys
+            and self.backbone.name.startswith("resnet")
+            and self.scaling.num_workers == 1
+            and groups > 1
+        ):
             if local_batch < 2 * groups:
                 raise ValueError(
                     f"backbone.key_bn_groups={groups} leaves fewer than 2 images per BatchNorm group "

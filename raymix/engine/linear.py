@@ -124,51 +124,24 @@ def linear_probe(
     Returns:
         :class:`LinearProbeResult` with the best and last test top-1 and the best epoch.
     """
-    if train_features.ndim != 2 or test_features.ndim != 2:
+    (result,), _ = linear_probe_ensemble(
+        [train_features], train_labels, [test_features], test_labels,
+        epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
+    )  # fmt: skip
+    return result
+
+
+def _check(
+    train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor
+) -> None:
+    if train.ndim != 2 or test.ndim != 2:
         raise ValueError("features must be 2-D (rows, dim)")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train and test feature dims differ: {train_features.shape[1]} vs {test_features.shape[1]}"
-        )
-    if train_labels.shape != (train_features.shape[0],) or test_labels.shape != (test_features.shape[0],):
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(f"train and test feature dims differ: {train.shape[1]} vs {test.shape[1]}")
+    if train_labels.shape != (train.shape[0],) or test_labels.shape != (test.shape[0],):
         raise ValueError("labels must be 1-D with one entry per feature row")
-    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+    if train.shape[0] == 0 or test.shape[0] == 0:
         raise ValueError("linear probe needs at least one train and one test row")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-
-    device = train_features.device
-    x_train, x_test = _standardise(train_features.float(), test_features.to(device).float())  # (N, D), (M, D)
-    y_train = train_labels.to(device=device, dtype=torch.long)  # (N,)
-    y_test = test_labels.to(device=device, dtype=torch.long)  # (M,)
-    n_train, dim = x_train.shape
-    num_classes = int(max(y_train.max().item(), y_test.max().item())) + 1
-
-    # Small CPU steps run on one thread (see _SMALL_STEP_MACS); anything else keeps the caller's setting.
-    small = device.type == "cpu" and min(batch_size, n_train) * dim * num_classes < _SMALL_STEP_MACS
-    with _cpu_threads(1 if small else torch.get_num_threads()):
-        return _train_probe(
-            x_train, y_train, x_test, y_test, num_classes, epochs, lr, batch_size, weight_decay, seed
-        )
-
-
-def _train_probe(
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    num_classes: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float,
-    seed: int,
-) -> LinearProbeResult:
-    """The SGD loop of :func:`linear_probe` on standardised features (arguments as there)."""
-    epochs_logits = _probe_epochs(
-        x_train, y_train, x_test, num_classes, epochs, lr, batch_size, weight_decay, seed
-    )
-    return _result([_accuracy(logits, y_test) for logits in epochs_logits])
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -241,10 +214,17 @@ def linear_probe_ensemble(
     """
     if len(train_features) != len(test_features) or not train_features:
         raise ValueError("give one test feature set per train feature set, at least one")
+    for train, test in zip(train_features, test_features, strict=True):
+        _check(train, train_labels, test, test_labels)
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     device = train_features[0].device
-    y_train = train_labels.to(device=device, dtype=torch.long)
-    y_test = test_labels.to(device=device, dtype=torch.long)
+    y_train = train_labels.to(device=device, dtype=torch.long)  # (N,)
+    y_test = test_labels.to(device=device, dtype=torch.long)  # (M,)
     num_classes = int(max(y_train.max().item(), y_test.max().item())) + 1
+    # Small CPU steps run on one thread (see _SMALL_STEP_MACS); anything else keeps the caller's setting.
+    widest = max(train.shape[1] for train in train_features)
+    small = device.type == "cpu" and min(batch_size, len(y_train)) * widest * num_classes < _SMALL_STEP_MACS
     runs = []
     for train, test in zip(train_features, test_features, strict=True):
         x_train, x_test = _standardise(train.float(), test.to(device).float())
@@ -253,7 +233,7 @@ def linear_probe_ensemble(
         )
     single: list[list[float]] = [[] for _ in runs]
     ensemble: list[float] = []
-    with _cpu_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+    with _cpu_threads(1 if small else torch.get_num_threads()):
         for epoch_logits in zip(*runs, strict=True):
             for i, logits in enumerate(epoch_logits):
                 single[i].append(_accuracy(logits, y_test))

@@ -20,7 +20,7 @@ from raymix import dist
 from raymix.config import Config
 from raymix.data import BatchLoader, TwoViewAugment, build_datasets, normalize
 from raymix.engine.knn import knn_accuracies
-from raymix.engine.linear import linear_probe, linear_probe_ensemble
+from raymix.engine.linear import linear_probe_ensemble
 from raymix.engine.optim import Schedules, build_optimizer
 from raymix.methods import Method, build_method
 from raymix.models.syncbn import convert_batchnorm
@@ -190,22 +190,20 @@ class Trainer:
         """``linear_top1_best``/``_last`` of the backbone (features given); with a method that has
         more encoders (SelfCon's exits), ``linear_<name>_top1_*`` of each and of their ensemble."""
         cfg = self.cfg.eval
-        probe = {
-            "epochs": cfg.linear_epochs, "lr": cfg.linear_lr, "batch_size": cfg.linear_batch_size,
-            "seed": self.cfg.training.seed,
-        }  # fmt: skip
         encoders = self.method.probe_encoders()
-        if len(encoders) == 1:
-            result = linear_probe(train_x, train_y, test_x, test_y, **probe)  # type: ignore[arg-type]
-            return {"linear_top1_best": result.best_top1, "linear_top1_last": result.last_top1}
         trains, tests = [train_x], [test_x]
         for encoder in list(encoders.values())[1:]:
             trains.append(self.features(self.train_data, encoder)[0])
             tests.append(self.features(self.test_data, encoder)[0])
-        results, ensemble = linear_probe_ensemble(trains, train_y, tests, test_y, **probe)  # type: ignore[arg-type]
-        names = ["" if name == "backbone" else f"_{name}" for name in encoders] + ["_ensemble"]
+        results, ensemble = linear_probe_ensemble(
+            trains, train_y, tests, test_y, epochs=cfg.linear_epochs, lr=cfg.linear_lr,
+            batch_size=cfg.linear_batch_size, seed=self.cfg.training.seed,
+        )  # fmt: skip
+        names = ["" if name == "backbone" else f"_{name}" for name in encoders]
+        if len(encoders) > 1:
+            names, results = [*names, "_ensemble"], [*results, ensemble]
         metrics = {}
-        for name, result in zip(names, [*results, ensemble], strict=True):
+        for name, result in zip(names, results, strict=True):
             metrics[f"linear{name}_top1_best"] = result.best_top1
             metrics[f"linear{name}_top1_last"] = result.last_top1
         return metrics

@@ -131,10 +131,7 @@ class ContrastiveMethod(Method):
         size = self.queue.shape[0]
         if not size or not self.training:
             return
-        keys = F.normalize(keys.float(), dim=1)[-size:]  # (n, D), at most the queue size
-        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.queue[rows] = keys.to(self.queue.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+        fifo_write(self.queue, self.queue_ptr, F.normalize(keys.float(), dim=1))
 
     # -- steps
 
@@ -148,6 +145,17 @@ class ContrastiveMethod(Method):
             m = momentum_schedule(step, total_steps, m)
         ema_update(self.key_backbone, self.backbone, m)
         ema_update(self.key_projector, self.projector, m)
+
+
+@torch.no_grad()
+def fifo_write(buffer: torch.Tensor, pointer: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` into the ring ``buffer`` (M, D) at ``pointer`` (a 0-d long tensor, moved
+    past them), wrapping around; of more than M rows only the last M are kept."""
+    size = buffer.shape[0]
+    rows = rows[-size:]
+    index = (pointer + torch.arange(rows.shape[0], device=rows.device)) % size
+    buffer[index] = rows.to(buffer.dtype)
+    pointer.copy_((pointer + rows.shape[0]) % size)
 
 
 def mix_seed(seed: int, step: int) -> int:

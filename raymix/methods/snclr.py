@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from raymix import dist
 from raymix.config import Config, ConfigError, SnclrConfig
 from raymix.losses import soft_cross_entropy
-from raymix.methods.base import ContrastiveMethod
+from raymix.methods.base import ContrastiveMethod, fifo_write
 
 #: Bank rows compared with the keys at once: bounds the (B, chunk) similarity block.
 BANK_CHUNK = 16384
@@ -144,13 +144,8 @@ class SNCLR(ContrastiveMethod):
     @torch.no_grad()
     def enqueue_bank(self, keys: torch.Tensor) -> None:
         """FIFO: write this worker's raw keys at the pointer, wrapping around."""
-        if not self.training:
-            return
-        size = self.bank.shape[0]
-        keys = keys.detach().to(self.bank.dtype)[-size:]
-        rows = (self.bank_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.bank[rows] = keys
-        self.bank_ptr.copy_((self.bank_ptr + keys.shape[0]) % size)
+        if self.training:
+            fifo_write(self.bank, self.bank_ptr, keys.detach())
 
     # -- loss
 

@@ -121,18 +121,17 @@ class UnMix(MixingMethod):
         _, q1 = self.online(view1)
         _, q_mix = self.online(mixed)
         q_flip = q_mix.flip(0) if partner is None else q_mix[partner]
-        keys = [dist.gather_no_grad(self.keys(view2))]  # k2
-        queries = [q1]
+        k2 = dist.gather_no_grad(self.keys(view2))
+        pairs, clean_keys = [(q1, k2)], [k2]
         if self.symmetric:
-            queries.append(self.online(view2)[1])
-            keys.append(dist.gather_no_grad(self.keys(view1)))  # k1
-        clean = sum(info_nce(q, k, offset, tau, negatives) for q, k in zip(queries, keys, strict=True))
-        mixed_loss = sum(
-            lam * info_nce(q_mix, k, offset, tau, negatives)
-            + (1.0 - lam) * info_nce(q_flip, k, offset, tau, negatives)
-            for k in keys
-        )
-        assert isinstance(clean, torch.Tensor) and isinstance(mixed_loss, torch.Tensor)
-        self.enqueue(torch.cat(keys[::-1]))  # (k1, k2), as MoCo enqueues them
+            k1 = dist.gather_no_grad(self.keys(view1))
+            pairs.append((self.online(view2)[1], k1))
+            clean_keys = [k1, k2]  # the order MoCo enqueues them in
+        clean = mixed_loss = q1.new_zeros((), dtype=torch.float32)
+        for q, k in pairs:
+            clean = clean + info_nce(q, k, offset, tau, negatives)
+            mixed_loss = mixed_loss + lam * info_nce(q_mix, k, offset, tau, negatives)
+            mixed_loss = mixed_loss + (1.0 - lam) * info_nce(q_flip, k, offset, tau, negatives)
+        self.enqueue(torch.cat(clean_keys))
         logs = {"loss/clean": clean.detach(), "loss/mixed": mixed_loss.detach()}
         return clean + mixed_loss, logs

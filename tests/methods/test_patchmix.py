@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from raymix.config import ConfigError, load_config
-from raymix.engine.run import fit
 from raymix.methods import build_method
 from raymix.methods.base import mix_seed
 from raymix.methods.patchmix import patch_mix, patchmix_targets, smooth
@@ -300,13 +299,7 @@ def test_defaults_follow_the_released_code():
 # ---------------------------------------------------------------- training
 
 
-def test_short_digits_run_beats_initialisation(tmp_path):
-    cfg = load_config(
-        "launch/experiments/digits.yaml",
-        ["method.name=patchmix", "training.epochs=4", "training.progress=false",
-         f"training.output_dir={tmp_path / 'run'}"],
-    )  # fmt: skip
-    result = fit(cfg, log=lambda _: None, progress=False)
+def test_short_digits_run_beats_initialisation(digits_run):
+    _, result, history = digits_run("method.name=patchmix", "training.epochs=4")
     assert result["knn_top1"] > result["knn_top1_init"] + 0.05, result
-    history = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"loss/mixed_mixed"' in history and '"loss/orig_orig"' in history

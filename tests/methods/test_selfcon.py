@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from raymix.config import ConfigError, load_config
-from raymix.engine.run import fit
+from raymix.engine.checkpoint import load_checkpoint
 from raymix.engine.trainer import Trainer
 from raymix.losses import supcon_loss
 from raymix.methods import build_method
@@ -199,15 +199,17 @@ def test_use_labels_needs_a_labelled_dataset():
 # ---------------------------------------------------------------- training and evaluation
 
 
-def test_short_digits_run_beats_initialisation_and_probes_every_exit(tmp_path):
-    cfg = load_config(
-        "launch/experiments/digits.yaml",
-        ["method.name=selfcon", "training.epochs=3", "training.progress=false", "eval.linear_epochs=5",
-         f"training.output_dir={tmp_path / 'run'}"],
-    )  # fmt: skip
-    result = fit(cfg, log=lambda _: None, progress=False)
+def test_short_digits_run_beats_initialisation_and_probes_every_exit(digits_run):
+    cfg, result, _ = digits_run("method.name=selfcon", "training.epochs=3", "eval.linear_epochs=5")
     assert result["knn_top1"] > result["knn_top1_init"] + 0.05, result
     trainer = Trainer(cfg)
+    trainer.load_state_dict(load_checkpoint(cfg.output_dir / "checkpoints" / "last.pt"))  # the trained one
     metrics = trainer.evaluate(linear=True)
     for name in ("linear_top1", "linear_exit2_top1", "linear_ensemble_top1"):
         assert 0.0 <= metrics[f"{name}_last"] <= metrics[f"{name}_best"] <= 1.0, name
+
+
+def test_shuffle_bn_groups_do_not_constrain_a_method_without_keys():
+    load_config(None, [*TINY, "backbone.name=resnet18", "training.batch_size=4"])  # no key encoder
+    with pytest.raises(ConfigError, match="backbone.key_bn_groups=4"):
+        load_config(None, ["backbone.name=resnet18", "training.batch_size=4"])  # MoCo's keys

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from raymix.cli import main
 from raymix.config import ConfigError, load_config
-from raymix.engine.run import fit
 from raymix.engine.trainer import Trainer
 from raymix.methods import build_method
 from raymix.methods.snclr import bank_topk, snclr_loss, snclr_targets, soft_neighbor_weights
@@ -257,12 +256,9 @@ def test_defaults_follow_the_paper():
 # ---------------------------------------------------------------- training
 
 
-def test_short_digits_run_beats_initialisation(tmp_path):
-    cfg = load_config(
-        "launch/experiments/digits.yaml",
-        ["method.name=snclr", "method.bank_size=1024", "method.num_neighbors=5", "training.epochs=4",
-         "training.progress=false", f"training.output_dir={tmp_path / 'run'}"],
-    )  # fmt: skip
-    result = fit(cfg, log=lambda _: None, progress=False)
+def test_short_digits_run_beats_initialisation(digits_run):
+    _, result, history = digits_run(
+        "method.name=snclr", "method.bank_size=1024", "method.num_neighbors=5", "training.epochs=4"
+    )
     assert result["knn_top1"] > result["knn_top1_init"] + 0.05, result
-    assert '"snclr/weight_entropy"' in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"snclr/weight_entropy"' in history

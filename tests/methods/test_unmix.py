@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from raymix.config import ConfigError, load_config
-from raymix.engine.run import fit
 from raymix.methods import build_method
 from raymix.methods.base import mix_seed
 from raymix.methods.unmix import region_box, sample_unmix, unmix_images
@@ -235,13 +234,7 @@ def test_defaults_follow_the_paper():
 # ---------------------------------------------------------------- training
 
 
-def test_short_digits_run_beats_initialisation(tmp_path):
-    cfg = load_config(
-        "launch/experiments/digits.yaml",
-        ["method.name=unmix", "training.epochs=4", "training.progress=false",
-         f"training.output_dir={tmp_path / 'run'}"],
-    )  # fmt: skip
-    result = fit(cfg, log=lambda _: None, progress=False)
+def test_short_digits_run_beats_initialisation(digits_run):
+    _, result, history = digits_run("method.name=unmix", "training.epochs=4")
     assert result["knn_top1"] > result["knn_top1_init"] + 0.05, result
-    history = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"loss/mixed"' in history and '"unmix/lambda"' in history
