@@ -95,6 +95,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     tune.add_argument("--name", help="sweep name (default: the space's name, else the file's stem)")
+    tune.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+
+    submit = sub.add_parser(
+        "submit",
+        help="run tune or train on a Ray cluster with ray job submit",
+        description="Submit `raymix COMMAND ...` to a Ray cluster's job server with this folder as the "
+        "job's working directory. Prints the ray job submit command it runs; waits for the job and "
+        "exits 0 if it succeeded, 1 if it failed (unless --no-wait).",
+        epilog="example: raymix submit --address http://127.0.0.1:8265 --storage /shared/sweeps "
+        "--tracking-uri http://127.0.0.1:5000 -- tune search_spaces/quickstart.yaml",
+    )
+    submit.add_argument(
+        "--address",
+        help="the head's job server, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)",
+    )
+    submit.add_argument(
+        "--storage",
+        help="absolute path or URI for sweep folders and checkpoints (RAYMIX_STORAGE_PATH in the job); "
+        "shared storage (NFS, s3://) on multi-node clusters",
+    )
+    submit.add_argument(
+        "--tracking-uri", help="MLflow tracking server the job records to (default: MLFLOW_TRACKING_URI)"
+    )
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="another environment variable"
+    )
+    submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.add_argument("--dry-run", action="store_true", help="check and print the command; submit nothing")
+    submit.add_argument(
+        "job", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="tune SPACE ... or train CONFIG ..."
+    )
 
     best = sub.add_parser(
         "best",
@@ -156,7 +188,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from raymix.integrations.sweep import run_sweep
 
-    board = run_sweep(args.space, args.overrides, name=args.name, resume=args.resume)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError(f"--num-samples {args.num_samples}: must be at least 1")
+    board = run_sweep(
+        args.space, args.overrides, name=args.name, resume=args.resume, num_samples=args.num_samples
+    )
     best = board.best_row()
     unfinished = [row for row in board.rows if row.outcome not in ("completed", "pruned", "failed")]
     if unfinished:
@@ -169,6 +205,31 @@ def _tune(args: argparse.Namespace) -> int:
         f"best: trial {best.trial_id} {board.metric} {best.last:.4f}; config in {board.path}/best_config.yaml"
     )
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from raymix.integrations import jobs
+
+    entrypoint = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not entrypoint or entrypoint[0] not in ("tune", "train"):
+        got = repr(entrypoint[0]) if entrypoint else "nothing"
+        raise ConfigError(f"raymix submit: expected -- tune SPACE ... or -- train CONFIG ..., got {got}")
+    inner, extra = _parser().parse_known_args(entrypoint)
+    unknown = [token for token in extra if token.startswith("-") or "=" not in token]
+    if unknown:
+        raise ConfigError(f"raymix submit: {entrypoint[0]}: unrecognized arguments: {' '.join(unknown)}")
+    file = inner.space if inner.command == "tune" else inner.config
+    job = jobs.prepare_job(
+        entrypoint,
+        (inner.command, file, [*inner.overrides, *extra]),
+        address=args.address,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        env=args.env,
+        working_dir=args.working_dir,
+        no_wait=args.no_wait,
+    )
+    return jobs.submit(job, dry_run=args.dry_run)
 
 
 def _best(args: argparse.Namespace) -> int:
@@ -198,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
-        commands = {"train": _train, "eval": _eval, "tune": _tune, "best": _best}
+        commands = {"train": _train, "eval": _eval, "tune": _tune, "submit": _submit, "best": _best}
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"raymix: error: {exc}", file=sys.stderr)

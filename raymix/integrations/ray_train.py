@@ -33,6 +33,7 @@ from raymix.engine.checkpoint import load_checkpoint, save_checkpoint
 from raymix.engine.loop import train_loop
 from raymix.engine.run import RunFailedError
 from raymix.engine.trainer import Trainer
+from raymix.integrations.cluster import check_shared_storage, init_ray, storage_override
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -100,9 +101,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def run_location(cfg: Config) -> tuple[str, str]:
-    """(storage_path, name) of the run: ``scaling.storage_path/run_name`` or the output folder."""
-    if cfg.scaling.storage_path:
-        storage = cfg.scaling.storage_path
+    """(storage_path, name) of the run: ``<storage>/run_name`` or the output folder.
+
+    The storage is RAYMIX_STORAGE_PATH, else ``scaling.storage_path``.
+    """
+    storage = storage_override() or cfg.scaling.storage_path
+    if storage:
         if "://" not in storage:
             storage = str(Path(storage).expanduser().resolve())
         return storage, cfg.run_name
@@ -174,17 +178,6 @@ def check_storage(storage_path: str, name: str) -> None:
         raise ConfigError(f"scaling.storage_path: cannot write to {folder}: {exc.strerror}") from None
 
 
-def init_ray(num_cpus: int | None = None) -> bool:
-    """Join the cluster of RAY_ADDRESS, or start a private local one. True if started here."""
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=num_cpus)
-    return True
-
-
 def best_checkpoint(result: Any) -> str | None:
     """Path of the state file of the best reported checkpoint by knn_top1."""
     scored = [(m.get("knn_top1", -math.inf), c) for c, m in (result.best_checkpoints or [])]
@@ -215,6 +208,8 @@ def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     started = init_ray()
     try:
         check_resources(cfg, ray.cluster_resources())
+        given = bool(storage_override() or cfg.scaling.storage_path)
+        check_shared_storage(storage_path, given, "scaling.storage_path")
         check_storage(storage_path, name)
         log(f"Ray Train: {cfg.scaling.num_workers} worker(s), run folder {Path(storage_path) / name}")
         result = build_trainer(cfg, storage_path, name).fit()

@@ -230,6 +230,14 @@ def check(space: SearchSpace, base: dict[str, Any], label: str = "search space")
             f"{label}: gpus_per_trial={space.gpus_per_trial:g} needs scaling.num_workers=1; "
             "workers of one trial each take a whole GPU"
         )
+    sched = space.scheduler
+    max_t = sched.max_t or cfg.training.epochs
+    if sched.type == "asha" and sched.grace_period > max_t:
+        source = "scheduler.max_t" if sched.max_t else "training.epochs"
+        raise SearchSpaceError(
+            f"{label}: scheduler.grace_period={sched.grace_period} exceeds {source}={max_t}; "
+            "ASHA needs grace_period <= max_t (lower grace_period, or use scheduler.type=none)"
+        )
     methods = space.params.get("method.name")
     names = methods.corners() if methods else [cfg.method.name]
     for key, param in space.params.items():

@@ -40,7 +40,7 @@ from raymix.engine.checkpoint import load_checkpoint
 from raymix.engine.loop import train_loop
 from raymix.engine.run import config_changes
 from raymix.engine.trainer import Trainer
-from raymix.integrations import leaderboard, ray_train, tracking
+from raymix.integrations import cluster, leaderboard, ray_train, tracking
 from raymix.integrations.search_space import (
     SearchSpace,
     SearchSpaceError,
@@ -62,6 +62,7 @@ class Sweep:
     source: str  # the space file
     storage_path: str
     name: str
+    storage_given: bool = True  # False: the local default ./sweeps, refused on multi-node clusters
 
     @property
     def path(self) -> str:
@@ -77,18 +78,25 @@ class Sweep:
         return {"space": self.space.model_dump(mode="json"), "base": self.base}
 
 
-def prepare(space_path: str | Path, overrides: list[str] | None = None, name: str | None = None) -> Sweep:
+def prepare(
+    space_path: str | Path,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+    num_samples: int | None = None,
+) -> Sweep:
     """Load and check the space; resolve the sweep's folder and the data root to absolute paths."""
     space, base = load_search_space(space_path, overrides)
+    if num_samples is not None:
+        space = space.model_copy(update={"num_samples": num_samples})
     cfg = ray_train.absolute_paths(config_for(base, {}))
     if cfg.data.root:
         base = {**base, "data": {**base.get("data", {}), "root": cfg.data.root}}
-    storage = space.storage_path or "sweeps"
+    given = cluster.storage_override() or space.storage_path
+    storage = given or "sweeps"
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    return Sweep(
-        space, base, str(Path(space_path).resolve()), storage, name or space.name or Path(space_path).stem
-    )
+    stem = name or space.name or Path(space_path).stem
+    return Sweep(space, base, str(Path(space_path).resolve()), storage, stem, storage_given=bool(given))
 
 
 # ---------------------------------------------------------------- the trials
@@ -264,6 +272,7 @@ def run_sweep(
     *,
     name: str | None = None,
     resume: bool = False,
+    num_samples: int | None = None,
     log: Callable[[str], None] = print,
 ) -> leaderboard.Board:
     """Run (or, with ``resume``, continue) a sweep; returns its leaderboard.
@@ -271,12 +280,15 @@ def run_sweep(
     Bad input (the space, the folder, the cluster's resources, the tracking store) raises
     :class:`ConfigError` before any trial starts.
     """
-    sweep = prepare(space_path, overrides, name)
+    sweep = prepare(space_path, overrides, name, num_samples)
+    tracking.check_reachable(sweep.config.tracking)
     started = ray_train.init_ray()
+    recorder: tracking.TrialRecorder | None = None
     try:
         ray_train.check_resources(sweep.config, ray.cluster_resources())
         limit = concurrency(sweep, ray.cluster_resources())
         _check_resume(sweep, resume)
+        cluster.check_shared_storage(sweep.storage_path, sweep.storage_given, "storage_path")
         ray_train.check_storage(sweep.storage_path, sweep.name)
         if not resume:
             leaderboard.write_text(
@@ -317,6 +329,9 @@ def run_sweep(
         # Save Tune's state often, so a killed driver loses at most a second of bookkeeping.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         tuner.fit()
+    except Exception as exc:  # an interrupted sweep's parent stays RUNNING: --resume continues it
+        tracking.fail_sweep(recorder, exc)
+        raise
     finally:
         if started:
             ray.shutdown()

@@ -20,6 +20,9 @@ import math
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from raymix.config import ConfigError
+from raymix.config import ConfigError, TrackingConfig
 from raymix.engine.run import flatten
 from raymix.integrations.leaderboard import Board, file_system, trial_error
 from raymix.integrations.ray_train import METRICS_FILE
@@ -56,6 +59,28 @@ def tracking_uri(configured: str | None) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix) :]).expanduser().resolve())
     return uri
+
+
+def check_reachable(settings: TrackingConfig, timeout: float = 5.0) -> None:
+    """An MLflow server (http/https URI) must answer within ``timeout`` seconds.
+
+    MLflow's own client retries a dead server for minutes; this refuses it at once.
+    """
+    uri = tracking_uri(settings.uri)
+    if not settings.enabled or not uri.startswith(("http://", "https://")):
+        return
+    probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name="
+    probe += urllib.parse.quote(settings.experiment)
+    try:
+        urllib.request.urlopen(probe, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (an unknown experiment, a proxy's refusal): the store's own errors follow
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"tracking.uri {uri}: no MLflow server answers there ({reason}). Start one (launch/"
+            "mlflow_server.sh), fix MLFLOW_TRACKING_URI or tracking.uri, or set tracking.enabled=false"
+        ) from None
 
 
 def _params(values: dict[str, Any]) -> list[Param]:
@@ -128,6 +153,18 @@ def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
         train_root=f"{sweep.path}/train",
         sweep_name=sweep.name,
     )
+
+
+def fail_sweep(recorder: TrialRecorder | None, error: BaseException) -> None:
+    """Mark the parent run FAILED, with the error, when the driver fails (best effort)."""
+    if recorder is None:
+        return
+    try:
+        why = f"{type(error).__name__}: {error}"[:5000]
+        recorder.client.set_tag(recorder.parent_run_id, "raymix.error", why)
+        recorder.client.set_terminated(recorder.parent_run_id, "FAILED")
+    except (MlflowException, OSError):
+        pass  # the store is what failed: the run keeps its last state
 
 
 def close_sweep(recorder: TrialRecorder | None, board: Board, outputs: Path) -> None:

@@ -345,6 +345,7 @@ def test_a_killed_driver_resumes_without_running_or_logging_finished_trials_agai
         ({"params": {"optim.learning_rate": {"type": "float", "low": 0.1, "high": 0.2}}}, "learning_rate"),
         ({"params": {"optim.lr": {"type": "categorical", "choices": []}}}, "non-empty 'choices'"),
         ({"metric": "accuracy"}, "metric 'accuracy' is never reported"),
+        ({"scheduler": {"type": "asha", "grace_period": 3}}, "grace_period=3 exceeds training.epochs=2"),
     ],
 )
 def test_bad_spaces_exit_2_before_ray_starts(tmp_path, capsys, monkeypatch, fields, message):
@@ -357,3 +358,16 @@ def test_bad_spaces_exit_2_before_ray_starts(tmp_path, capsys, monkeypatch, fiel
     assert message in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists()
     assert main(["tune", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_driver_that_fails_marks_the_sweeps_run_failed(local_ray, tracking, tmp_path, monkeypatch):
+    def broken(_):
+        raise RuntimeError("scheduler exploded")
+
+    monkeypatch.setattr(sweep, "scheduler", broken)
+    with pytest.raises(RuntimeError, match="scheduler exploded"):
+        sweep.run_sweep(write_space(tmp_path))
+    client = MlflowClient(tracking)
+    (parent,) = client.search_runs([client.get_experiment_by_name("raymix").experiment_id])
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["raymix.error"] == "RuntimeError: scheduler exploded"

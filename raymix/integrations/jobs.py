@@ -1,0 +1,190 @@
+"""``raymix submit``: run ``raymix tune`` or ``raymix train`` on a Ray cluster as a Ray job.
+
+Builds, prints and runs ``ray job submit --address A --working-dir . --runtime-env-json J --
+raymix COMMAND ...``. The runtime environment carries ``MLFLOW_TRACKING_URI`` and
+``RAYMIX_STORAGE_PATH`` (and any ``--env``) to the job, whose entrypoint then joins the
+cluster through the ``RAY_ADDRESS`` that Ray sets for it. Before submitting, the job
+server must answer at the address, and the sweep or run must have somewhere to keep its
+results: a job's working directory is deleted with the cluster's session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raymix.config import ConfigError, load_config
+from raymix.integrations.cluster import STORAGE_ENV, apply_auth_mode, token_available
+from raymix.integrations.search_space import config_for, load_search_space
+
+DASHBOARD_PORT = 8265
+# Never uploaded with the working directory: environments, local results and data.
+EXCLUDES = [
+    "/.git", "/.venv", "/venv", "/runs", "/sweeps", "/mlruns", "/mlartifacts", "/mlflow-server", "/data",
+    "*.db", "*.pt",
+]  # fmt: skip
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+@dataclass
+class Job:
+    address: str
+    entrypoint: list[str]  # the raymix command's arguments: ["tune", "space.yaml", ...]
+    working_dir: str = "."
+    env_vars: dict[str, str] = field(default_factory=dict)
+    no_wait: bool = False
+
+    def runtime_env(self) -> dict[str, object]:
+        return {"env_vars": dict(self.env_vars), "excludes": EXCLUDES}
+
+    def command(self, ray: str = "ray") -> list[str]:
+        wait = ["--no-wait"] if self.no_wait else []
+        return [
+            ray, "job", "submit", "--address", self.address, "--working-dir", self.working_dir,
+            "--runtime-env-json", json.dumps(self.runtime_env(), separators=(",", ":")),
+            *wait, "--", "raymix", *self.entrypoint,
+        ]  # fmt: skip
+
+
+def job_server(address: str | None, environ: Mapping[str, str]) -> str:
+    """The job server's URL: ``--address``, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS."""
+    address = address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError(
+            f"--address: no Ray job server named; pass --address http://HEAD:{DASHBOARD_PORT} "
+            "(the head's dashboard) or set RAY_ADDRESS"
+        )
+    if "://" not in address:
+        address = f"http://{address}"
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address}: expected the dashboard's http://HOST:{DASHBOARD_PORT}")
+    return address.rstrip("/")
+
+
+def check_job_server(address: str, environ: Mapping[str, str], timeout: float = 5.0) -> None:
+    """The job server answers at ``address`` and we hold a token if it wants one."""
+    try:
+        urllib.request.urlopen(f"{address}/api/version", timeout=timeout).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403) and not token_available(environ):
+            raise ConfigError(
+                f"--address {address}: the Ray cluster requires token authentication and no token is "
+                "here; copy the head's ~/.ray/auth_token here or set RAY_AUTH_TOKEN"
+            ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        hint = " (6379 is the cluster's GCS port; jobs go to the dashboard's)" if ":6379" in address else ""
+        raise ConfigError(
+            f"--address {address}: no Ray job server answers there ({reason}){hint}. Start a cluster "
+            f"with ray start --head, or give the head's dashboard address http://HEAD:{DASHBOARD_PORT}"
+        ) from None
+
+
+def _absolute(value: str, what: str) -> None:
+    if "://" not in value and not Path(value).expanduser().is_absolute():
+        raise ConfigError(
+            f"{what} {value!r}: must be absolute or a URI; the job runs in a temporary working directory"
+        )
+
+
+def check_entrypoint(
+    command: str, file: str, overrides: Sequence[str], working_dir: str, env_vars: Mapping[str, str]
+) -> None:
+    """Validate the command's file and overrides here, before the cluster sees them.
+
+    A ``tune`` job must record to a tracking URI and keep results in storage that outlive
+    the job's temporary working directory; a ``train`` job must keep its checkpoints so.
+    """
+    path = Path(working_dir) / file
+    if command == "tune":
+        space, base = load_search_space(path, list(overrides))
+        cfg = config_for(base, {})
+        key, storage = "storage_path", space.storage_path
+    else:
+        cfg = load_config(path, list(overrides))
+        key, storage = "scaling.storage_path", cfg.scaling.storage_path
+    if env_vars.get(STORAGE_ENV):
+        key, storage = "--storage", env_vars[STORAGE_ENV]
+    if not storage:
+        raise ConfigError(
+            f"raymix submit: pass --storage (or set {key}): results in the job's working directory are "
+            "deleted with the cluster's session. Use a path on the head, or shared storage on several nodes"
+        )
+    _absolute(storage, key)
+    if command != "tune" or not cfg.tracking.enabled:
+        return
+    uri = env_vars.get(TRACKING_ENV) or cfg.tracking.uri
+    if not uri:
+        raise ConfigError(
+            "raymix submit: the sweep's MLflow records need a tracking server the cluster reaches: "
+            "pass --tracking-uri http://HOST:5000 (launch/mlflow_server.sh), or tracking.enabled=false"
+        )
+    if uri.startswith("sqlite:///"):
+        _absolute(uri.removeprefix("sqlite:///"), "tracking.uri")
+
+
+def prepare_job(
+    entrypoint: Sequence[str],
+    parsed: tuple[str, str, Sequence[str]],
+    *,
+    address: str | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    env: Sequence[str] = (),
+    working_dir: str = ".",
+    no_wait: bool = False,
+    environ: Mapping[str, str] = os.environ,
+) -> Job:
+    """The job to submit, checked; raises :class:`ConfigError` on bad input.
+
+    ``entrypoint`` is the raymix command line to run and ``parsed`` its (command, file,
+    overrides) as the CLI parsed them.
+    """
+    if not Path(working_dir).is_dir():
+        raise ConfigError(f"--working-dir {working_dir!r} is not a folder")
+    env_vars: dict[str, str] = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
+        env_vars[key] = value
+    uri = tracking_uri or environ.get(TRACKING_ENV)
+    if uri:
+        env_vars[TRACKING_ENV] = uri
+    storage = storage or environ.get(STORAGE_ENV)
+    if storage:
+        _absolute(storage, "--storage")
+        env_vars[STORAGE_ENV] = storage
+    check_entrypoint(*parsed, working_dir, env_vars)
+    return Job(job_server(address, environ), list(entrypoint), working_dir, env_vars, no_wait)
+
+
+def submit(
+    job: Job,
+    *,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+    environ: Mapping[str, str] = os.environ,
+) -> int:
+    """Print the ``ray job submit`` command and run it; its exit status (1: the job failed).
+
+    Raises :class:`ConfigError` when no job server answers at the address (not in a dry run).
+    """
+    env = dict(environ)
+    apply_auth_mode(env)
+    if not dry_run:
+        check_job_server(job.address, env)
+    mode = f"RAY_AUTH_MODE={env['RAY_AUTH_MODE']} " if "RAY_AUTH_MODE" in env else ""
+    log(mode + shlex.join(job.command()))
+    if dry_run:
+        return 0
+    beside = Path(sys.executable).parent / "ray"  # the ray of this environment, not another on PATH
+    return subprocess.run(job.command(str(beside) if beside.exists() else "ray"), env=env).returncode
