@@ -54,5 +54,9 @@ args=(server --backend-store-uri "$backend" --artifacts-destination "$artifacts"
       --host "$host" --port "$port" --workers 1)
 [[ -n "$allowed" ]] && args+=(--allowed-hosts "$allowed")
 
+# MLflow's job runner (a dozen worker processes for GenAI evaluation jobs) has no use in
+# raymix's tracking; set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have it anyway.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+
 echo "MLflow: backend $backend, artifacts $artifacts; UI and API at http://$host:$port" >&2
 exec mlflow "${args[@]}"
