@@ -29,10 +29,14 @@ lint: install
 	$(BIN)/ruff format --check raymix tests benchmarks
 	$(BIN)/mypy raymix
 
+# The CPU benchmarks (about an hour on 2 cores, 40 minutes of it search_efficiency); each writes benchmarks/results/*.json.
 bench: install
-	$(BIN)/python benchmarks/train_overhead.py
-	$(BIN)/python benchmarks/trial_overhead.py
 	$(BIN)/python benchmarks/method_step.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/knn_speed.py
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/trial_overhead.py
+	$(BIN)/python benchmarks/search_efficiency.py
 
 clean:
 	rm -rf runs sweeps mlflow.db mlartifacts .pytest_cache .mypy_cache .ruff_cache
