@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
@@ -82,6 +84,17 @@ def reachable(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> str |
             return None
     except OSError as exc:
         return exc.strerror or type(exc).__name__
+
+
+def http_probe(url: str, timeout: float = CONNECT_TIMEOUT_S) -> tuple[int | None, str | None]:
+    """``(status, None)`` when a server answers at ``url`` (an error status too), else ``(None, why)``."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), None
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except (urllib.error.URLError, OSError) as exc:
+        return None, str(getattr(exc, "reason", exc))
 
 
 def check_cluster_address(address: str) -> None:

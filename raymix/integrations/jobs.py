@@ -15,14 +15,12 @@ import os
 import shlex
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raymix.config import ConfigError, load_config
-from raymix.integrations.cluster import STORAGE_ENV, apply_auth_mode, token_available
+from raymix.integrations.cluster import STORAGE_ENV, apply_auth_mode, http_probe, token_available
 from raymix.integrations.search_space import config_for, load_search_space
 
 DASHBOARD_PORT = 8265
@@ -71,21 +69,18 @@ def job_server(address: str | None, environ: Mapping[str, str]) -> str:
 
 def check_job_server(address: str, environ: Mapping[str, str], timeout: float = 5.0) -> None:
     """The job server answers at ``address`` and we hold a token if it wants one."""
-    try:
-        urllib.request.urlopen(f"{address}/api/version", timeout=timeout).close()
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403) and not token_available(environ):
-            raise ConfigError(
-                f"--address {address}: the Ray cluster requires token authentication and no token is "
-                "here; copy the head's ~/.ray/auth_token here or set RAY_AUTH_TOKEN"
-            ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    status, why = http_probe(f"{address}/api/version", timeout)
+    if why is not None:
         hint = " (6379 is the cluster's GCS port; jobs go to the dashboard's)" if ":6379" in address else ""
         raise ConfigError(
-            f"--address {address}: no Ray job server answers there ({reason}){hint}. Start a cluster "
+            f"--address {address}: no Ray job server answers there ({why}){hint}. Start a cluster "
             f"with ray start --head, or give the head's dashboard address http://HEAD:{DASHBOARD_PORT}"
-        ) from None
+        )
+    if status in (401, 403) and not token_available(environ):
+        raise ConfigError(
+            f"--address {address}: the Ray cluster requires token authentication and no token is "
+            "here; copy the head's ~/.ray/auth_token here or set RAY_AUTH_TOKEN"
+        )
 
 
 def _absolute(value: str, what: str) -> None:
@@ -161,7 +156,6 @@ def prepare_job(
         env_vars[TRACKING_ENV] = uri
     storage = storage or environ.get(STORAGE_ENV)
     if storage:
-        _absolute(storage, "--storage")
         env_vars[STORAGE_ENV] = storage
     check_entrypoint(*parsed, working_dir, env_vars)
     return Job(job_server(address, environ), list(entrypoint), working_dir, env_vars, no_wait)

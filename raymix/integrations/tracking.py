@@ -20,9 +20,7 @@ import math
 import os
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +33,7 @@ from ray.tune import Callback
 
 from raymix.config import ConfigError, TrackingConfig
 from raymix.engine.run import flatten
+from raymix.integrations.cluster import http_probe
 from raymix.integrations.leaderboard import Board, file_system, trial_error
 from raymix.integrations.ray_train import METRICS_FILE
 from raymix.integrations.search_space import SearchSpace, config_for, decode_point, trial_config
@@ -70,17 +69,12 @@ def check_reachable(settings: TrackingConfig, timeout: float = 5.0) -> None:
     if not settings.enabled or not uri.startswith(("http://", "https://")):
         return
     probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name="
-    probe += urllib.parse.quote(settings.experiment)
-    try:
-        urllib.request.urlopen(probe, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # it answered (an unknown experiment, a proxy's refusal): the store's own errors follow
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    _, why = http_probe(probe + urllib.parse.quote(settings.experiment), timeout)
+    if why is not None:  # any answer will do: the store's own errors follow
         raise ConfigError(
-            f"tracking.uri {uri}: no MLflow server answers there ({reason}). Start one (launch/"
+            f"tracking.uri {uri}: no MLflow server answers there ({why}). Start one (launch/"
             "mlflow_server.sh), fix MLFLOW_TRACKING_URI or tracking.uri, or set tracking.enabled=false"
-        ) from None
+        )
 
 
 def _params(values: dict[str, Any]) -> list[Param]:

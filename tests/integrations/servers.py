@@ -12,11 +12,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from raymix.integrations.cluster import http_probe
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -37,13 +37,7 @@ def venv_env() -> dict[str, str]:
 
 def answers(url: str) -> bool:
     """Any HTTP response counts (a 401 from a cluster with token auth is an answer)."""
-    try:
-        urllib.request.urlopen(url, timeout=2).close()
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
-    return True
+    return http_probe(url, timeout=2)[1] is None
 
 
 def _wait(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
@@ -70,40 +64,39 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
+def _serving(command: list[str], log: Path, ready: str, timeout: float) -> Iterator[None]:
+    """Run ``command`` in its own process group until ``ready`` answers; stop it on exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, env=venv_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    _wait(proc, ready, log, timeout)
+    try:
+        yield
+    finally:
+        _stop(proc)
+
+
+@contextmanager
 def mlflow_server(folder: Path) -> Iterator[str]:
     """``launch/mlflow_server.sh`` on a free loopback port; yields its URL."""
     port = free_port()
-    log = folder / "mlflow-server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(REPO / "launch" / "mlflow_server.sh"), "--port", str(port), "--dir", str(folder / "mlflow")],
-            env=venv_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    _wait(proc, f"{url}/health", log, timeout=120)
-    try:
+    script = str(REPO / "launch" / "mlflow_server.sh")
+    command = [script, "--port", str(port), "--dir", str(folder / "mlflow")]
+    with _serving(command, folder / "mlflow-server.log", f"{url}/health", timeout=120):
         yield url
-    finally:
-        _stop(proc)
 
 
 @contextmanager
 def ray_head(folder: Path, num_cpus: int = 2) -> Iterator[str]:
     """``ray start --head --block`` on free loopback ports; yields the job server's URL."""
     gcs, dashboard, client = free_port(), free_port(), free_port()
-    log = folder / "ray-head.log"
+    url = f"http://127.0.0.1:{dashboard}"
     command = [
         str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs),
         "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
         "--num-cpus", str(num_cpus), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
     ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, env=venv_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{dashboard}"
-    _wait(proc, f"{url}/api/version", log, timeout=180)
-    try:
+    with _serving(command, folder / "ray-head.log", f"{url}/api/version", timeout=180):
         yield url
-    finally:
-        _stop(proc)
