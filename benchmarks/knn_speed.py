@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=1024, help="test rows per similarity matrix")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
     args = parser.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = [{"backend": d.type, **time_knn(d, args)} for d in devices]
@@ -71,16 +72,17 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
-        "options": vars(args),
+        "options": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
     }
-    out = ROOT / "benchmarks" / "results" / f"knn_speed-{datetime.date.today().isoformat()}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"knn_speed-{datetime.date.today().isoformat()}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"| device | seconds | test rows/s |  ({args.test} x {args.train} x {args.dim}, k = {args.k})")
     print("|---|---|---|")
     for row in rows:
         print(f"| {row['backend']} ({row['device']}) | {row['seconds']} | {row['test_rows_per_second']} |")
-    print(f"written to {out.relative_to(ROOT)}")
+    print(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ For each seed, the quickstart's search space (temperature, learning rate, crop s
 runs twice with the same number of trials, one trial at a time:
 
 - random search, every trial trained for all epochs;
-- TPE (Optuna, multivariate, ``--startup`` random trials first) with ASHA pruning
-  (grace period 1 epoch, reduction factor 2).
+- TPE (Optuna, multivariate, ``--startup`` random trials first) with the space's ASHA
+  pruning as the quickstart ships it (grace period 2 epochs, reduction factor 2;
+  ``--grace`` sets another grace period).
 
 The target is the best final knn_top1 that random search found. Each arm's cost to reach
 it is the trial-epochs trained, in the order trials ran, until a trial reports a value at
@@ -13,7 +14,7 @@ or above the target (counting that trial's epochs up to that report). Random sea
 reaches it by construction; TPE + ASHA may not (reported as null). The ratio is random's
 trial-epochs over TPE + ASHA's.
 
-    python benchmarks/search_efficiency.py [--seeds 3] [--trials 12] [--epochs 6] [--startup 4]
+    python benchmarks/search_efficiency.py [--seeds 3] [--trials 12] [--epochs 6] [--startup 4] [--grace N]
 
 Writes benchmarks/results/search_efficiency-<date>.json and prints a Markdown table.
 """
@@ -68,7 +69,8 @@ def space_file(folder: Path, arm: str, seed: int, args: argparse.Namespace) -> P
             "multivariate": True,
             "n_startup_trials": args.startup,
         }
-        space["scheduler"] = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+        if args.grace is not None:
+            space["scheduler"] = {**space["scheduler"], "grace_period": args.grace}
     path = folder / f"{arm}-{seed}.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="trial budget of each arm")
     parser.add_argument("--epochs", type=int, default=6, help="epochs of a trial that is not pruned")
     parser.add_argument("--startup", type=int, default=4, help="TPE's random trials before it models")
+    parser.add_argument("--grace", type=int, help="ASHA's grace period in epochs (default: the space's)")
     parser.add_argument("--cpus", type=int, default=2)
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -141,6 +144,8 @@ def main() -> None:
         },  # fmt: skip
         "options": vars(args),
         "space": str(QUICKSTART.relative_to(ROOT)),
+        "tpe_asha_scheduler": yaml.safe_load(QUICKSTART.read_text())["scheduler"]
+        | ({"grace_period": args.grace} if args.grace is not None else {}),
         "rows": rows,
     }
     out = ROOT / "benchmarks" / "results" / f"search_efficiency-{datetime.date.today().isoformat()}.json"

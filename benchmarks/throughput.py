@@ -6,15 +6,18 @@ figures are the engine's, not the data loader's. Backbones: ViT-T/2 and ViT-S/2 
 32 px, ResNet-18 with the CIFAR stem (PatchMix mixes ViT patches: no ResNet row).
 
 FLOPs are counted for the whole step with ``torch.utils.flop_counter`` (matmuls,
-convolutions and attention, forward and backward; elementwise work is not counted).
+convolutions and attention, forward and backward; elementwise work is not counted). The
+counter knows the GPU attention kernels; the CPU one is added here, so CPU and GPU rows
+count the same work.
 On a GPU, MFU = achieved FLOP/s over the device's dense bf16 peak.
 
     python benchmarks/throughput.py                        # every method x backbone, this device
     python benchmarks/throughput.py --methods moco --backbones vit_small --precision bf16 --compile
     python benchmarks/throughput.py --backbones resnet18 --channels-last --profile
 
-Only the engine is needed (no Ray). Writes benchmarks/results/throughput-<device>-<date>.json
-and prints a Markdown table.
+Only the engine is needed (no Ray, Optuna or MLflow). Writes
+benchmarks/results/throughput-<device>-<date>[-<options>].json (options: bf16, compile,
+channels-last; ``--name`` sets another suffix) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from raymix.config import METHOD_NAMES, ConfigError, load_config
 from raymix.engine.trainer import Trainer
@@ -71,35 +74,46 @@ def build(method: str, backbone: str, args: argparse.Namespace) -> Trainer:
             *COMMON, *BACKBONES[backbone], f"method.name={method}", *extra,
             f"training.batch_size={args.batch_size}", f"training.device={args.device}",
             f"training.precision={args.precision}", "training.progress=false",
+            f"training.channels_last={args.channels_last and backbone.startswith('resnet')}",
         ],
     )  # fmt: skip
-    trainer = Trainer(cfg)
-    if args.channels_last and backbone.startswith("resnet"):
-        trainer.method.to(memory_format=torch.channels_last)
+    trainer = Trainer(cfg)  # compiled later (training.compile), after its FLOPs are counted eagerly
     trainer.method.train()
     return trainer
 
 
-def compile_backbones(trainer: Trainer) -> None:
-    for name in ("backbone", "key_backbone"):
-        module = getattr(trainer.method, name, None)
-        if isinstance(module, torch.nn.Module):
-            module.compile()
-
-
-def batch(trainer: Trainer, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     size, count = trainer.cfg.data.image_size, trainer.cfg.training.batch_size
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (count,), generator=generator)
-    images = images.to(trainer.device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(trainer.device)
+    return images.to(trainer.device), labels.to(trainer.device)
+
+
+def _cpu_attention(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _cpu_attention_backward(
+    grad: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    return sdpa_backward_flop_count(grad, q, k, v)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FLOP counter that also counts fused attention on the CPU (torch counts only the GPU kernels)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
+        },
+    )
 
 
 def count_flops(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         trainer.train_step(images, labels)
     return float(counter.get_total_flops())
@@ -136,12 +150,12 @@ def measure(method: str, backbone: str, args: argparse.Namespace) -> dict[str, A
         trainer = build(method, backbone, args)
     except ConfigError as exc:
         return {"method": method, "backbone": backbone, "skipped": str(exc)}
-    images, labels = batch(trainer, args.channels_last and backbone.startswith("resnet"))
+    images, labels = batch(trainer)
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
     flops = count_flops(trainer, images, labels)  # eager: the counter sees every operator
     if args.compile:
-        compile_backbones(trainer)
+        trainer.compile()
     for _ in range(args.warmup):  # allocator, kernels, compilation
         trainer.train_step(images, labels)
     sync(trainer.device)
@@ -172,6 +186,15 @@ def measure(method: str, backbone: str, args: argparse.Namespace) -> dict[str, A
     return row
 
 
+def suffix(args: argparse.Namespace) -> str:
+    """'-bf16-compile' and the like: runs with other options on the same day keep their files."""
+    if args.name is not None:
+        return f"-{args.name}" if args.name else ""
+    parts = [args.precision] if args.precision != "auto" else []
+    parts += [flag for flag in ("compile", "channels_last") if getattr(args, flag)]
+    return "".join(f"-{part.replace('_', '-')}" for part in parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
@@ -181,10 +204,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on a GPU, 1 on a CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    parser.add_argument("--channels-last", action="store_true", help="ResNet weights and batch in NHWC")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    parser.add_argument("--channels-last", action="store_true", help="ResNets: training.channels_last")
+    parser.add_argument("--compile", action="store_true", help="training.compile: torch.compile the encoders")
     parser.add_argument("--profile", action="store_true", help="record the top kernels of 5 steps")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    parser.add_argument("--name", help="suffix of the results file (default: from the options)")
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (256 if gpu else 16)
@@ -218,14 +242,14 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-") or "device"
-    out = args.out / f"throughput-{slug}-{datetime.date.today().isoformat()}.json"
+    out = args.out / f"throughput-{slug}-{datetime.date.today().isoformat()}{suffix(args)}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     options = f"batch {args.batch_size}, precision {args.precision}" + (", compile" if args.compile else "")
     print(f"| method | backbone | images/s | ms/step | GFLOP/step | TFLOP/s | MFU |  ({device}, {options})")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         if "skipped" in row:
-            print(f"| {row['method']} | {row['backbone']} | n/a | | | | |")
+            print(f"| {row['method']} | {row['backbone']} | skipped: {row['skipped']} | | | | |")
             continue
         mfu = f"{100 * row['mfu_bf16']:.1f}%" if "mfu_bf16" in row else "-"
         print(

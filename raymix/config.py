@@ -218,6 +218,10 @@ class TrainingConfig(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    compile: bool = Field(
+        False, description="torch.compile the encoders: faster GPU steps after a minute or so of compiling"
+    )
+    channels_last: bool = Field(False, description="NHWC weights and batches: ResNets on GPU tensor cores")
     eval_every: int = Field(1, ge=0, description="kNN every n epochs; 0: only after the last")
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(

@@ -26,6 +26,8 @@ RESUMABLE_CHANGES = (
     "training.eval_every",
     "training.checkpoint_every",
     "training.keep_checkpoints",
+    "training.compile",
+    "training.channels_last",
     "eval.",
     "tracking.",
     "debug.",

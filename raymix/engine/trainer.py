@@ -71,8 +71,13 @@ class Trainer:
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.method: Method = build_method(cfg).to(self.device)
         self.method.check_data(len(self.train_loader) * local_batch, self.train_data.num_classes)
+        self.channels_last = cfg.training.channels_last
         if world_size > 1:
             convert_batchnorm(self.method, self.device)
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        if cfg.training.compile:
+            self.compile()
         self.model = dist.data_parallel(self.method, self.device)
         self.optimizer = build_optimizer(self.method, cfg.optim, self.device)
         self.steps_per_epoch = len(self.train_loader)
@@ -89,15 +94,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    def compile(self) -> None:
+        """torch.compile the method's encoders in place (parameter names, and so checkpoints, unchanged)."""
+        for module in self.method.compile_targets():
+            module.compile()
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def layout(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch in the memory format of the weights (NHWC with ``training.channels_last``)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch of uint8 images; returns detached logs (no host sync)."""
         self.schedules.apply(self.optimizer, self.step)
         view1, view2 = self.augment(images, self.generator)  # (B, 3, S, S) each
+        view1, view2 = self.layout(view1), self.layout(view2)
         with self.autocast():
             loss, logs = self.model(view1, view2, labels if self.method.uses_labels else None)
         self.optimizer.zero_grad(set_to_none=True)
@@ -163,7 +178,7 @@ class Trainer:
         feats, labels = [], []
         with self._eval_mode(encoder):
             for images, targets in loader:
-                x = normalize(images, data.mean, data.std)
+                x = self.layout(normalize(images, data.mean, data.std))
                 with self.autocast():
                     feats.append(encoder(x).float())
                 labels.append(targets)

@@ -44,6 +44,10 @@ class Method(nn.Module):
         """Encoders the linear probe measures, by name ('backbone' first); several are also ensembled."""
         return {"backbone": self.eval_backbone()}
 
+    def compile_targets(self) -> list[nn.Module]:
+        """Modules whose forward the step calls and ``training.compile`` compiles in place."""
+        return [self.backbone]
+
     def offset(self, local_batch: int) -> int:
         """Row of this rank's first sample among rows gathered from every worker."""
         return dist.rank() * local_batch
@@ -114,6 +118,9 @@ class ContrastiveMethod(Method):
         if self.key_backbone is None or self.key_projector is None:
             return self.projector(self.backbone(x)).detach()
         return self.key_projector(self.key_backbone(x))
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [m for m in (self.backbone, self.key_backbone) if m is not None]
 
     def eval_backbone(self) -> nn.Module:
         """The encoder evaluated by kNN and the linear probe: the key encoder when there is one."""

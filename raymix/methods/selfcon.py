@@ -53,6 +53,10 @@ class SelfCon(Method):
                 f"{num_classes} class; use method.use_labels=false (SelfCon-SU)"
             )
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The trunk with its exits (training) and the backbone (evaluation)."""
+        return [self.multi, self.backbone]
+
     def probe_encoders(self) -> dict[str, nn.Module]:
         """The backbone, then each exit's sub-network ('exit2': after the second stage)."""
         encoders: dict[str, nn.Module] = {"backbone": self.backbone}

@@ -125,3 +125,46 @@ def test_config_changes_ignores_resumable_keys():
     a = tiny().to_dict()
     b = tiny("eval.knn_k=[5]", "training.progress=true", "optim.lr=0.5").to_dict()
     assert config_changes(a, b) == ["optim.lr"]
+
+
+def test_config_changes_allow_switching_compile_and_channels_last():
+    a = tiny().to_dict()
+    assert config_changes(a, tiny("training.compile=true", "training.channels_last=true").to_dict()) == []
+
+
+def steps(trainer: Trainer, count: int) -> list[float]:
+    """Losses of ``count`` steps on the first batch; the global RNG (drop-path, key BN shuffle) reseeded."""
+    torch.manual_seed(0)
+    images, labels = next(iter(trainer.train_loader))
+    return [float(trainer.train_step(images, labels)["loss"]) for _ in range(count)]
+
+
+RESNET = ["backbone.name=resnet18", "backbone.cifar_stem=true", "backbone.key_bn_groups=2"]
+
+
+def test_channels_last_trains_the_same_in_nhwc():
+    eager = Trainer(tiny(*RESNET))
+    nhwc = Trainer(tiny(*RESNET, "training.channels_last=true"))
+    conv = nhwc.method.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert nhwc.layout(torch.zeros(2, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)
+    assert steps(nhwc, 3) == pytest.approx(steps(eager, 3), rel=1e-4)
+    features, _ = nhwc.features(nhwc.test_data)
+    assert torch.allclose(features, eager.features(eager.test_data)[0], atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["moco", "selfcon"])
+def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_names(tmp_path, method):
+    extra = ["method.name=selfcon", "backbone.depth=2"] if method == "selfcon" else []
+    eager = Trainer(tiny(*extra))
+    compiled = Trainer(tiny(*extra, "training.compile=true"))
+    targets = compiled.method.compile_targets()
+    assert targets and all(m._compiled_call_impl is not None for m in targets)
+    assert steps(compiled, 2) == pytest.approx(steps(eager, 2), rel=1e-4)
+    # Compiling in place keeps parameter names: checkpoints load either way.
+    assert list(compiled.state_dict()["method"]) == list(eager.state_dict()["method"])
+    eager.load_state_dict(compiled.state_dict())
+    for a, b in zip(eager.method.parameters(), compiled.method.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert compiled.evaluate()["knn_top1"] == pytest.approx(eager.evaluate()["knn_top1"], abs=1 / 32)

@@ -1,0 +1,117 @@
+"""The engine benchmarks run where only torch and timm are installed (a bare GPU image):
+each is started with Ray, Optuna and MLflow made unimportable, on tiny sizes."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raymix.config import load_config
+from raymix.models import build_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKED = ("ray", "optuna", "mlflow")
+# Runs a script with the blocked packages unimportable, as on a machine without them.
+RUNNER = """
+import importlib.abc, runpy, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is not installed here")
+        return None
+
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_bare(script: str, *args: str) -> str:
+    code = RUNNER.format(blocked=BLOCKED)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_blocker_blocks(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import ray\n")
+    code = RUNNER.format(blocked=BLOCKED)
+    result = subprocess.run([sys.executable, "-c", code, str(probe)], capture_output=True, text=True)
+    assert result.returncode != 0 and "ray is not installed here" in result.stderr
+
+
+@pytest.mark.slow
+def test_throughput_without_ray(tmp_path):
+    out = run_bare(
+        "throughput.py", "--methods", "moco,patchmix", "--backbones", "vit_tiny,resnet18",
+        "--batch-size", "8", "--steps", "1", "--warmup", "0", "--profile", "--out", str(tmp_path),
+    )  # fmt: skip
+    (path,) = tmp_path.glob("throughput-*.json")
+    assert str(path.name) in out and not path.stem.endswith(("-bf16", "-compile"))
+    record = json.loads(path.read_text())
+    assert record["versions"]["torch"] and record["versions"]["timm"] and record["date"]
+    rows = {(r["method"], r["backbone"]): r for r in record["rows"]}
+    assert set(rows) == {(m, b) for m in ("moco", "patchmix") for b in ("vit_tiny", "resnet18")}
+    assert "ViT" in rows[("patchmix", "resnet18")]["skipped"]  # PatchMix mixes ViT patches
+    for key in [("moco", "vit_tiny"), ("patchmix", "vit_tiny"), ("moco", "resnet18")]:
+        row = rows[key]
+        assert row["images_per_second"] > 0 and row["gflops_per_step"] > 0 and "mfu_bf16" not in row
+        assert 0 < len(row["top_kernels"]) <= 10
+        shares = [k["share"] for k in row["top_kernels"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+
+
+def load_throughput():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_counter_counts_a_vit_exactly():
+    """ViT-T/2 at 32 px: patch embedding, 12 blocks of linear layers and attention (CPU kernel too)."""
+    cfg = load_config(None, ["backbone.name=vit_tiny", "backbone.patch_size=2", "data.name=synthetic"])
+    backbone = build_backbone(cfg.backbone, 32)
+    batch, tokens, width, patches = 2, 257, 192, 256
+    embed = 2 * batch * patches * (3 * 2 * 2) * width
+    linear = 2 * batch * tokens * 12 * width**2  # qkv 3D^2, proj D^2, MLP 4D^2 + 4D^2
+    attention = 2 * 2 * batch * tokens**2 * width  # QK^T and AV over all heads
+    counter = load_throughput().flop_counter()
+    with counter, torch.no_grad():
+        backbone(torch.randn(batch, 3, 32, 32))
+    assert counter.get_total_flops() == embed + 12 * (linear + attention)
+
+
+def test_throughput_flops_scale_with_batch(tmp_path):
+    """Counted FLOPs are the whole step's: doubling the batch about doubles them."""
+    gflops = {}
+    for batch in (4, 8):
+        folder = tmp_path / str(batch)
+        run_bare(
+            "throughput.py", "--methods", "moco", "--backbones", "vit_tiny", "--batch-size", str(batch),
+            "--steps", "1", "--warmup", "0", "--name", "", "--out", str(folder),
+        )  # fmt: skip
+        (path,) = folder.glob("throughput-*.json")
+        gflops[batch] = json.loads(path.read_text())["rows"][0]["gflops_per_step"]
+    assert 1.9 < gflops[8] / gflops[4] < 2.1
+
+
+def test_knn_speed_without_ray(tmp_path):
+    out = run_bare(
+        "knn_speed.py", "--train", "500", "--test", "100", "--dim", "16", "--k", "20",
+        "--repeats", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    (path,) = tmp_path.glob("knn_speed-*.json")
+    record = json.loads(path.read_text())
+    assert record["options"]["train"] == 500 and "out" not in record["options"]
+    assert record["rows"][0]["backend"] == "cpu" and record["rows"][0]["seconds"] > 0
+    assert "| cpu" in out
