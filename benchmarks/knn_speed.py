@@ -70,8 +70,13 @@ def main() -> None:
     rows = [{"backend": d.type, **time_knn(d, args)} for d in devices]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        },
         "options": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
     }
