@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ EXCLUDES = [
     "*.db", "*.pt",
 ]  # fmt: skip
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# Ray's answer when the head's job agent has not registered yet; the job is not created.
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S, AGENT_RETRY_S = 90.0, 5.0
 
 
 @dataclass
@@ -180,5 +184,34 @@ def submit(
     log(mode + shlex.join(job.command()))
     if dry_run:
         return 0
-    beside = Path(sys.executable).parent / "ray"  # the ray of this environment, not another on PATH
-    return subprocess.run(job.command(str(beside) if beside.exists() else "ray"), env=env).returncode
+    command = job.command(ray_executable())
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        code, agent_not_ready = _run_echoing(command, env)
+        if code == 0 or not agent_not_ready or time.monotonic() >= deadline:
+            return code
+        # The head's job server answers before its job agent has registered (seconds after
+        # `ray start`): Ray refuses the job without creating it, so it is safe to ask again.
+        log(f"the cluster's job agent is not ready yet; submitting again in {AGENT_RETRY_S:g} s")
+        time.sleep(AGENT_RETRY_S)
+
+
+def ray_executable() -> str:
+    """The ``ray`` of this environment, not another one on PATH."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
+def _run_echoing(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """Run ``command``, passing its output through line by line; (exit status, whether Ray
+    said that no job agent was available)."""
+    seen = False
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            seen = seen or AGENT_NOT_READY in line
+    return proc.returncode, seen

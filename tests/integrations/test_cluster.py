@@ -151,6 +151,45 @@ def test_submit_builds_the_ray_job_command(tmp_path, capsys):
     assert command[9:] == ["--", "raymix", "tune", QUICKSTART, "training.epochs=4", "--name", "q"]
 
 
+def _fake_ray(tmp_path, refusals: int, then: int) -> Path:
+    """A ``ray`` that answers as Ray does while the head's job agent is not ready, ``refusals``
+    times, then exits ``then``; each call is counted in calls.txt."""
+    script = tmp_path / "ray"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"echo call >> {tmp_path}/calls.txt\n"
+        f"if [ $(wc -l < {tmp_path}/calls.txt) -le {refusals} ]; then\n"
+        "  echo 'RuntimeError: Request failed with status code 500: No available agent to submit job, "
+        "please try again later..' >&2; exit 1\n"
+        "fi\n"
+        f"echo 'Job finished'; exit {then}\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize(
+    "refusals, then, calls, code", [(2, 0, 3, 0), (0, 1, 1, 1), (1, 1, 2, 1), (9, 0, 3, 1)]
+)
+def test_submit_asks_again_while_the_job_agent_is_not_ready(
+    tmp_path, monkeypatch, capfd, refusals, then, calls, code
+):
+    """Refused jobs (never created) are submitted again, up to AGENT_WAIT_S; a job that ran and
+    failed is not."""
+    monkeypatch.setattr(jobs, "ray_executable", lambda: str(_fake_ray(tmp_path, refusals, then)))
+    monkeypatch.setattr(jobs, "check_job_server", lambda address, env: None)
+    clock = iter(range(0, 1000, 30))  # each look at the clock: 30 s later
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(jobs.time, "sleep", lambda seconds: None)
+    lines: list[str] = []
+    job = jobs.Job(address="http://head:8265", entrypoint=["tune", QUICKSTART])
+    assert jobs.submit(job, log=lines.append, environ={}) == code
+    assert len((tmp_path / "calls.txt").read_text().splitlines()) == calls
+    assert sum("not ready yet" in line for line in lines) == calls - 1
+    out = capfd.readouterr().out
+    assert out.count("No available agent") == min(refusals, calls)  # Ray's words passed through
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

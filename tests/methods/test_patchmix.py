@@ -300,6 +300,8 @@ def test_defaults_follow_the_released_code():
 
 
 def test_short_digits_run_beats_initialisation(digits_run):
-    _, result, history = digits_run("method.name=patchmix", "training.epochs=4")
+    # 8 epochs: in 4 (warm-up 2, then the cosine to 0) PatchMix's mixed targets only bring
+    # the kNN back to its initial value (0.43 -> 0.34 -> 0.43); by 8 it is at 0.64.
+    _, result, history = digits_run("method.name=patchmix", "training.epochs=8")
     assert result["knn_top1"] > result["knn_top1_init"] + 0.05, result
     assert '"loss/mixed_mixed"' in history and '"loss/orig_orig"' in history
