@@ -28,6 +28,16 @@ from raymix.engine.knn import knn_predict
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def time_knn(device: torch.device, args: argparse.Namespace) -> dict[str, object]:
     generator = torch.Generator().manual_seed(0)
     train = torch.randn(args.train, args.dim, generator=generator).to(device)
@@ -48,7 +58,7 @@ def time_knn(device: torch.device, args: argparse.Namespace) -> dict[str, object
     seconds = [run() for _ in range(args.repeats)]
     median = statistics.median(seconds)
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "seconds": round(median, 4),
         "seconds_runs": [round(s, 4) for s in seconds],
         "test_rows_per_second": round(args.test / median, 1),
@@ -70,7 +80,7 @@ def main() -> None:
     rows = [{"backend": d.type, **time_knn(d, args)} for d in devices]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "versions": {
             "python": sys.version.split()[0],

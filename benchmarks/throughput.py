@@ -61,6 +61,16 @@ def bf16_peak(device: torch.device) -> float | None:
     return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -224,7 +234,7 @@ def main() -> None:
             parser.error(f"--methods: {name!r} is not one of {', '.join(METHOD_NAMES)}")
 
     rows = [measure(m, b, args) for b in backbones for m in methods]
-    device = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if gpu else cpu_name()
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
