@@ -219,7 +219,7 @@ class TrainingConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     compile: bool = Field(
-        False, description="torch.compile the encoders: faster GPU steps after a minute or so of compiling"
+        False, description="torch.compile the encoders (for GPUs; a minute or so of compiling first)"
     )
     channels_last: bool = Field(False, description="NHWC weights and batches: ResNets on GPU tensor cores")
     eval_every: int = Field(1, ge=0, description="kNN every n epochs; 0: only after the last")
