@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,17 +24,9 @@ import torch
 
 from raymix.engine.knn import knn_predict
 
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def time_knn(device: torch.device, args: argparse.Namespace) -> dict[str, object]:

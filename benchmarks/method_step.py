@@ -18,7 +18,6 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from raymix.config import METHOD_NAMES, load_config
 from raymix.engine.trainer import Trainer
 from raymix.methods.patchmix import patch_mix
 from raymix.methods.snclr import bank_topk
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = {
@@ -157,7 +158,7 @@ def main() -> None:
     scale = args.scale if args.scale != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     rows = measure(scale, args.steps, args.repeats)
     mixing = {**time_mixing(scale, args.steps), **time_bank_lookup(scale, args.repeats)}
-    device = torch.cuda.get_device_name() if scale == "gpu" else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if scale == "gpu" else cpu_name()
     result = {
         "date": datetime.date.today().isoformat(),
         "scale": scale,

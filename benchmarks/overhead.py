@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from mlflow.tracking import MlflowClient
 from raymix.config import load_config
 from raymix.engine.run import fit
 from raymix.integrations import ray_train, sweep
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "launch" / "experiments" / "digits.yaml"
@@ -150,7 +151,7 @@ def main() -> None:
     record = {
         "benchmark": "overhead",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({args.cpus} cores), {platform.processor() or platform.machine()}",
+        "device": f"CPU ({args.cpus} cores), {cpu_name()}",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__},
         "epochs": args.epochs,
         "medians": summary,

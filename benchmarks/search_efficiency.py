@@ -26,7 +26,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +37,8 @@ import torch
 import yaml
 
 from raymix.integrations import sweep
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -135,7 +136,7 @@ def main() -> None:
     record = {
         "benchmark": "search_efficiency",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({args.cpus} cores), {platform.processor() or platform.machine()}",
+        "device": f"CPU ({args.cpus} cores), {cpu_name()}",
         "versions": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,

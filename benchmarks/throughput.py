@@ -26,7 +26,6 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from raymix.config import METHOD_NAMES, ConfigError, load_config
 from raymix.engine.trainer import Trainer
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = {
@@ -59,16 +60,6 @@ def bf16_peak(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from raymix.integrations import sweep
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -100,7 +101,7 @@ def main() -> None:
     record = {
         "benchmark": "trial_overhead",
         "date": date.today().isoformat(),
-        "device": f"cpu x{os.cpu_count()} ({platform.processor() or platform.machine()})",
+        "device": f"cpu x{os.cpu_count()} ({cpu_name()})",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__},
         "trials_per_point": args.trials,
         "figures": figures,

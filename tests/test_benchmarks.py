@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("ray", "optuna", "mlflow")
 # Runs a script with the blocked packages unimportable, as on a machine without them.
 RUNNER = """
-import importlib.abc, runpy, sys
+import importlib.abc, os, runpy, sys
 
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -27,6 +27,7 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python script.py` does
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
@@ -70,14 +71,15 @@ def test_throughput_without_ray(tmp_path):
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
 
 
-def load_throughput():
+def load_throughput(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its helpers sit beside it
     spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_flop_counter_counts_a_vit_exactly():
+def test_flop_counter_counts_a_vit_exactly(monkeypatch):
     """ViT-T/2 at 32 px: patch embedding, 12 blocks of linear layers and attention (CPU kernel too)."""
     cfg = load_config(None, ["backbone.name=vit_tiny", "backbone.patch_size=2", "data.name=synthetic"])
     backbone = build_backbone(cfg.backbone, 32)
@@ -85,7 +87,7 @@ def test_flop_counter_counts_a_vit_exactly():
     embed = 2 * batch * patches * (3 * 2 * 2) * width
     linear = 2 * batch * tokens * 12 * width**2  # qkv 3D^2, proj D^2, MLP 4D^2 + 4D^2
     attention = 2 * 2 * batch * tokens**2 * width  # QK^T and AV over all heads
-    counter = load_throughput().flop_counter()
+    counter = load_throughput(monkeypatch).flop_counter()
     with counter, torch.no_grad():
         backbone(torch.randn(batch, 3, 32, 32))
     assert counter.get_total_flops() == embed + 12 * (linear + attention)
