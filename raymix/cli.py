@@ -170,8 +170,6 @@ def _eval(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if path.is_dir():  # a Ray Train checkpoint folder
         path = path / "state.pt"
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
     state = load_checkpoint(path)
     cfg = config_from_dict(apply_overrides(state["config"], args.overrides))
     trainer = Trainer(cfg)

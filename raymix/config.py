@@ -8,6 +8,7 @@ dotted key and what is allowed. Models are frozen: nothing downstream mutates th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,24 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+")
+# Counts larger than any real run: a typo such as epochs=1e12 is refused, not trained for years.
+MAX_EPOCHS = 100_000
+MAX_COUNT = 100_000_000
+MAX_WIDTH = 65_536
+MAX_SEED = 2**31 - 1
+
+
+def check_name(name: str, key: str) -> str:
+    """``name`` becomes one folder (a run or sweep): a single path component, never '.' or '..'."""
+    if not NAME_CHARS.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{key} {name!r}: a name must be one folder name of letters, digits, '.', '_' and '-' "
+            "(not empty, '.' or '..', no '/')"
+        )
+    return name
 
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
@@ -43,11 +62,11 @@ class DataConfig(Section):
     download: bool = Field(False, description="let torchvision download cifar*/stl10 into root")
     image_size: int = Field(32, ge=8, le=1024, description="side of the square training images")
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="digits: held-out share")
-    split_seed: int = Field(0, description="digits/synthetic: seed of the fixed split")
-    synthetic_train_size: int = Field(2000, ge=2)
-    synthetic_test_size: int = Field(500, ge=1)
+    split_seed: int = Field(0, ge=0, le=MAX_SEED, description="digits/synthetic: seed of the fixed split")
+    synthetic_train_size: int = Field(2000, ge=2, le=MAX_COUNT)
+    synthetic_test_size: int = Field(500, ge=1, le=MAX_COUNT)
     synthetic_classes: int = Field(10, ge=2, le=1000)
-    loader_workers: int = Field(0, ge=0, description="decoding processes (imagefolder only)")
+    loader_workers: int = Field(0, ge=0, le=1024, description="decoding processes (imagefolder only)")
 
 
 class AugmentConfig(Section):
@@ -80,14 +99,14 @@ class AugmentConfig(Section):
 
 class BackboneConfig(Section):
     name: Literal["vit_micro", "vit_tiny", "vit_small", "vit_base", "resnet18", "resnet50"] = "vit_micro"
-    patch_size: int = Field(4, ge=1, description="ViT patch side; must divide data.image_size")
-    embed_dim: int | None = Field(None, ge=8, description="ViT width override")
-    depth: int | None = Field(None, ge=1, description="ViT depth override")
-    num_heads: int | None = Field(None, ge=1, description="ViT heads override")
+    patch_size: int = Field(4, ge=1, le=1024, description="ViT patch side; must divide data.image_size")
+    embed_dim: int | None = Field(None, ge=8, le=MAX_WIDTH, description="ViT width override")
+    depth: int | None = Field(None, ge=1, le=1000, description="ViT depth override")
+    num_heads: int | None = Field(None, ge=1, le=1024, description="ViT heads override")
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     cifar_stem: bool = Field(True, description="ResNet: 3x3 stride-1 stem and no max-pool")
     key_bn_groups: int = Field(
-        4, ge=1, description="ResNet keys on one worker: shuffle the batch and normalise it in this "
+        4, ge=1, le=4096, description="ResNet keys on one worker: shuffle the batch and normalise it in this "
         "many BatchNorm groups (shuffle BN against the BN leak); 1: off. Several workers sync BN instead",
     )  # fmt: skip
 
@@ -95,10 +114,10 @@ class BackboneConfig(Section):
 class HeadConfig(Section):
     """MoCo v3 heads: Linear(no bias) -> BN -> ReLU blocks, last layer BN(affine=False)."""
 
-    hidden_dim: int = Field(1024, ge=8)
-    out_dim: int = Field(256, ge=8)
-    projector_layers: int = Field(3, ge=1)
-    predictor_layers: int = Field(2, ge=1)
+    hidden_dim: int = Field(1024, ge=8, le=MAX_WIDTH)
+    out_dim: int = Field(256, ge=8, le=MAX_WIDTH)
+    projector_layers: int = Field(3, ge=1, le=64)
+    predictor_layers: int = Field(2, ge=1, le=64)
 
 
 class ContrastConfig(Section):
@@ -112,7 +131,7 @@ class ContrastConfig(Section):
 class QueueConfig(ContrastConfig):
     """A base whose loss can take extra negatives from a MoCo v2 queue of past clean keys."""
 
-    queue_size: int = Field(0, ge=0, description="MoCo v2 queue of past keys; 0 disables it")
+    queue_size: int = Field(0, ge=0, le=MAX_COUNT, description="MoCo v2 queue of past keys; 0 disables it")
 
 
 class MocoConfig(QueueConfig):
@@ -124,7 +143,7 @@ class PatchMixConfig(ContrastConfig):
 
     name: Literal["patchmix"] = "patchmix"
     momentum: float | None = Field(None, ge=0.0, lt=1.0, description="EMA m0; null: no key encoder")
-    mix_num: int = Field(2, ge=2, description="images mixed into each mixed image (m)")
+    mix_num: int = Field(2, ge=2, le=MAX_COUNT, description="images mixed into each mixed image (m)")
     mix_prob: Probability = Field(1.0, description="probability that a step mixes at all")
     mixed_weight: float = Field(0.5, ge=0.0, description="weight w of the two mixed terms")
     smoothing_oo: Probability = Field(0.1, description="label smoothing of the orig-orig target")
@@ -147,9 +166,12 @@ class SnclrConfig(ContrastConfig):
     """SNCLR (METHODS.md section 3): bank neighbours of the key as soft positives."""
 
     name: Literal["snclr"] = "snclr"
-    num_neighbors: int = Field(30, ge=1, description="K: bank neighbours per key")
+    num_neighbors: int = Field(30, ge=1, le=MAX_COUNT, description="K: bank neighbours per key")
     bank_size: int = Field(
-        4096, ge=1, description="M: past view-2 keys per worker; at most the training images per worker"
+        4096,
+        ge=1,
+        le=MAX_COUNT,
+        description="M: past view-2 keys per worker; at most the training images per worker",
     )
     weighting: Literal["attention", "uniform", "hard"] = Field(
         "attention", description="attention: softmax of cosines to the anchor; uniform: 1/K; hard: top-1"
@@ -204,7 +226,7 @@ class OptimConfig(Section):
     lr: float = Field(1.5e-3, gt=0.0, description="base learning rate (see lr_scaling)")
     lr_scaling: Literal["linear", "none"] = Field("linear", description="linear: lr * batch_size / 256")
     min_lr: float = Field(0.0, ge=0.0, description="end of the cosine decay (absolute)")
-    warmup_epochs: float = Field(0.0, ge=0.0)
+    warmup_epochs: float = Field(0.0, ge=0.0, le=MAX_EPOCHS)
     weight_decay: float = Field(0.05, ge=0.0)
     weight_decay_end: float | None = Field(None, ge=0.0, description="cosine wd schedule end; null: constant")
     betas: tuple[Probability, Probability] = (0.9, 0.999)
@@ -213,32 +235,40 @@ class OptimConfig(Section):
 
 
 class TrainingConfig(Section):
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(256, ge=2, description="global batch over all workers")
-    seed: int = 0
+    epochs: int = Field(20, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(256, ge=2, le=MAX_COUNT, description="global batch over all workers")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     compile: bool = Field(
         False, description="torch.compile the encoders (for GPUs; a minute or so of compiling first)"
     )
     channels_last: bool = Field(False, description="NHWC weights and batches: ResNets on GPU tensor cores")
-    eval_every: int = Field(1, ge=0, description="kNN every n epochs; 0: only after the last")
-    checkpoint_every: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=0, le=MAX_EPOCHS, description="kNN every n epochs; 0: only after the last")
+    checkpoint_every: int = Field(1, ge=1, le=MAX_EPOCHS)
     keep_checkpoints: int = Field(
-        2, ge=1, description="Ray Train: the best k by knn_top1 (the latest is kept too)"
+        2, ge=1, le=1000, description="Ray Train: the best k by knn_top1 (the latest is kept too)"
     )
     output_dir: str | None = Field(None, description="null: runs/<run_name>")
-    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$")
+    run_name: str | None = Field(
+        None, description="the run's folder name under runs/ or scaling.storage_path"
+    )
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _single_folder(self) -> TrainingConfig:
+        if self.run_name is not None:
+            check_name(self.run_name, "training.run_name")
+        return self
 
 
 class EvalConfig(Section):
-    knn_k: tuple[Annotated[int, Field(ge=1)], ...] = Field((20, 200), min_length=1)
+    knn_k: tuple[Annotated[int, Field(ge=1, le=MAX_COUNT)], ...] = Field((20, 200), min_length=1)
     knn_temperature: float = Field(0.07, gt=0.0)
-    knn_chunk_size: int = Field(1024, ge=1)
-    linear_epochs: int = Field(50, ge=1)
+    knn_chunk_size: int = Field(1024, ge=1, le=MAX_COUNT)
+    linear_epochs: int = Field(50, ge=1, le=MAX_EPOCHS)
     linear_lr: float = Field(0.1, gt=0.0)
-    linear_batch_size: int = Field(256, ge=1)
+    linear_batch_size: int = Field(256, ge=1, le=MAX_COUNT)
     linear_at_end: bool = Field(False, description="run the linear probe after training")
 
 
@@ -256,20 +286,25 @@ class ScalingConfig(Section):
 
     backend: Literal["auto", "local", "ray"] = "auto"
     num_workers: int = Field(
-        1, ge=1, description="data-parallel workers (processes), one GPU each with use_gpu"
+        1, ge=1, le=100_000, description="data-parallel workers (processes), one GPU each with use_gpu"
     )
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=100_000)
     storage_path: str | None = Field(
         None, description="Ray Train run storage (a shared path or URI on multi-node clusters); "
         "null: the parent folder of the run's output_dir",
     )  # fmt: skip
-    max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
+    max_failures: int = Field(
+        0, ge=0, le=1000, description="worker-group restarts from the latest checkpoint"
+    )
 
 
 class DebugConfig(Section):
     fail_at_epoch: int | None = Field(
-        None, ge=1, description="fault injection: a worker process dies once at the start of this epoch"
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="fault injection: a worker process dies once at the start of this epoch",
     )
 
 
@@ -466,7 +501,11 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("; ".join(_describe(e, raw) for e in exc.errors())) from None
+        errors = exc.errors()
+        # A list whose items failed also reports itself as empty: say only what the items did.
+        failed_items = {tuple(e["loc"][:-1]) for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
+        errors = [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in failed_items)]
+        raise ConfigError("; ".join(_describe(e, raw) for e in errors)) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -46,6 +46,8 @@ def test_top_level_help_names_commands(capsys):
         (["training.batch_size=4096"], "training.batch_size"),
         (["data.name=cifar10", "data.root=/nonexistent/cifar"], "data.root"),
         (["optim.lr=fast"], "optim.lr"),
+        (["training.epochs=1000000000000"], "training.epochs: Input should be less than or equal to 100000"),
+        (["training.run_name=.."], "training.run_name '..': a name must be one folder name"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
@@ -151,5 +153,6 @@ def test_diverging_run_exits_1_and_keeps_its_folder(tmp_path, capsys):
     args = ["optim.lr=1e30", "optim.lr_scaling=none", "optim.warmup_epochs=0", "training.epochs=2"]
     code = main(["train", str(DIGITS), f"training.output_dir={out}", "--no-progress", *args])
     assert code == 1
-    assert "loss is not finite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss is not finite" in err and "no checkpoint was written" in err  # none to name yet
     assert (out / "metrics.jsonl").exists()  # the initial evaluation is kept

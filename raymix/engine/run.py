@@ -11,13 +11,21 @@ Output folder layout::
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from raymix.config import Config, ConfigError
-from raymix.engine.checkpoint import load_checkpoint, save_checkpoint
+from raymix.engine.checkpoint import (
+    CheckpointError,
+    check_writable,
+    load_checkpoint,
+    save_checkpoint,
+    storage_error,
+)
 from raymix.engine.trainer import Trainer
 
 # Keys that may change between a run and its resumption: they do not alter the trajectory.
@@ -62,7 +70,13 @@ def resume_state(cfg: Config) -> dict[str, Any] | None:
     last = cfg.output_dir / "checkpoints" / "last.pt"
     if not last.exists():
         return None
-    state = load_checkpoint(last)
+    try:
+        state = load_checkpoint(last)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}; move it away to resume from checkpoints/best.pt, or set training.run_name "
+            "to start a new run"
+        ) from None
     changed = config_changes(state["config"], cfg.to_dict())
     if changed:
         raise ConfigError(
@@ -70,6 +84,44 @@ def resume_state(cfg: Config) -> dict[str, Any] | None:
             "set training.output_dir (or training.run_name) to start a new run there"
         )
     return state
+
+
+def read_history(path: Path, epoch: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to ``epoch``: what a run resumed there has written.
+
+    Later lines (epochs trained after the last checkpoint, then lost) and a line torn by a
+    crash are dropped, so the resumed run writes each epoch once.
+    """
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["epoch"]) > epoch:
+                break
+        except (ValueError, KeyError, TypeError):
+            break
+        kept.append(line)
+    return kept
+
+
+def write_text(path: Path, text: str, mode: str = "w") -> None:
+    """Write (or append) ``text``; an OSError becomes a one-line StorageError naming ``path``."""
+    try:
+        with path.open(mode) as f:
+            f.write(text)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Replace ``path``'s contents at once (a temporary file and a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_text(tmp, text)
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
 
 
 def format_metrics(metrics: dict[str, float], epochs: int) -> str:
@@ -91,19 +143,21 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = Tru
     trainer = Trainer(cfg)
     state = resume_state(cfg)
     out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    check_writable(out, "training.output_dir")
     ckpt_dir, history = out / "checkpoints", out / "metrics.jsonl"
+    write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     epochs = cfg.training.epochs
 
     if state is not None:
         trainer.load_state_dict(state)
         run = dict(state["run"])
+        kept = read_history(history, trainer.epoch)
+        replace_text(history, "".join(line + "\n" for line in kept))
         log(f"resuming {out} after epoch {trainer.epoch}")
     else:
         initial = {"epoch": 0, **trainer.evaluate()}
         run = {"knn_top1_init": initial["knn_top1"], "best_knn_top1": float("-inf")}
-        history.write_text(json.dumps(initial) + "\n")
+        write_text(history, json.dumps(initial) + "\n")
         log(format_metrics(initial, epochs) + "  (initialisation)")
 
     metrics: dict[str, Any] = {"epoch": trainer.epoch}
@@ -111,13 +165,16 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = Tru
         try:
             metrics = trainer.train_epoch(progress=progress and cfg.training.progress)
         except FloatingPointError as exc:
-            raise RunFailedError(f"{exc}; the last checkpoint is kept in {ckpt_dir}") from exc
+            saved = ckpt_dir / "last.pt"
+            where = (
+                f"the last checkpoint is kept in {saved}" if saved.exists() else "no checkpoint was written"
+            )
+            raise RunFailedError(f"{exc}; {where}") from exc
         last = trainer.epoch == epochs
         every = cfg.training.eval_every
         if last or (every and trainer.epoch % every == 0):
             metrics.update(trainer.evaluate(linear=last and cfg.eval.linear_at_end))
-        with history.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        write_text(history, json.dumps(metrics) + "\n", mode="a")
         log(format_metrics(metrics, epochs))
         improved = metrics.get("knn_top1", float("-inf")) > run["best_knn_top1"]
         if improved:

@@ -19,6 +19,7 @@ the same rules:
 from __future__ import annotations
 
 import os
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -36,6 +37,18 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 STORAGE_ENV = "RAYMIX_STORAGE_PATH"
 CONNECT_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 120.0
+
+
+# ---------------------------------------------------------------- secrets
+
+# scheme://user:password@host -> the password part
+_URI_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]+(@)")
+MASK = "***"
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it masked."""
+    return _URI_PASSWORD.sub(rf"\g<1>{MASK}\g<2>", text)
 
 
 # ---------------------------------------------------------------- authentication

@@ -12,16 +12,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raymix.config import ConfigError, load_config
-from raymix.integrations.cluster import STORAGE_ENV, apply_auth_mode, http_probe, token_available
+from raymix.integrations.cluster import (
+    MASK,
+    STORAGE_ENV,
+    apply_auth_mode,
+    http_probe,
+    redact_uri,
+    token_available,
+)
 from raymix.integrations.search_space import config_for, load_search_space
 
 DASHBOARD_PORT = 8265
@@ -31,6 +40,7 @@ EXCLUDES = [
     "*.db", "*.pt",
 ]  # fmt: skip
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Ray's answer when the head's job agent has not registered yet; the job is not created.
 AGENT_NOT_READY = "No available agent to submit job"
 AGENT_WAIT_S, AGENT_RETRY_S = 90.0, 5.0
@@ -44,16 +54,55 @@ class Job:
     env_vars: dict[str, str] = field(default_factory=dict)
     no_wait: bool = False
 
-    def runtime_env(self) -> dict[str, object]:
-        return {"env_vars": dict(self.env_vars), "excludes": EXCLUDES}
+    def secrets(self) -> list[str]:
+        """The values that are masked wherever raymix prints (at least 4 characters long)."""
+        values = [v for k, v in self.env_vars.items() if mask_value(k, v) == MASK]
+        for uri in (self.env_vars.get(TRACKING_ENV, ""), self.env_vars.get(STORAGE_ENV, "")):
+            hidden = redact_uri(uri)
+            if hidden != uri:
+                values.append(uri.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1])
+        return [v for v in values if len(v) >= 4]
 
-    def command(self, ray: str = "ray") -> list[str]:
+    def runtime_env(self, *, masked: bool = False) -> dict[str, object]:
+        env = {key: mask_value(key, value) if masked else value for key, value in self.env_vars.items()}
+        return {"env_vars": env, "excludes": EXCLUDES}
+
+    def command(self, ray: str = "ray", *, runtime_env_file: str | None = None) -> list[str]:
+        """The ``ray job submit`` command line. With ``runtime_env_file`` the runtime environment
+        is read from that file (``--runtime-env``), so no value appears on a command line;
+        without, it is shown inline with every secret masked (for printing)."""
         wait = ["--no-wait"] if self.no_wait else []
+        if runtime_env_file is not None:
+            env = ["--runtime-env", runtime_env_file]
+            entrypoint = list(self.entrypoint)
+        else:
+            env = ["--runtime-env-json", json.dumps(self.runtime_env(masked=True), separators=(",", ":"))]
+            entrypoint = [redact_uri(token) for token in self.entrypoint]
         return [
             ray, "job", "submit", "--address", self.address, "--working-dir", self.working_dir,
-            "--runtime-env-json", json.dumps(self.runtime_env(), separators=(",", ":")),
-            *wait, "--", "raymix", *self.entrypoint,
+            *env, *wait, "--", "raymix", *entrypoint,
         ]  # fmt: skip
+
+
+def mask_value(key: str, value: str) -> str:
+    """What is printed of an environment variable passed to the job.
+
+    raymix's own settings are shown with any password in a URI masked; references to the
+    cluster's environment (``${KEY}``) are shown as they are; any other value is masked, since
+    ``--env`` is how secrets reach a job.
+    """
+    if key in (TRACKING_ENV, STORAGE_ENV):
+        return redact_uri(value)
+    if value == f"${{{key}}}":
+        return value
+    return MASK
+
+
+def mask(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with each secret value and every password in a URI replaced by ``***``."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return redact_uri(text)
 
 
 def job_server(address: str | None, environ: Mapping[str, str]) -> str:
@@ -152,9 +201,13 @@ def prepare_job(
     env_vars: dict[str, str] = {}
     for item in env:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
-        env_vars[key] = value
+        if not ENV_NAME.fullmatch(key):
+            raise ConfigError(
+                f"--env {redact_uri(key)!r}: expected KEY=VALUE, or KEY to pass the cluster's own KEY "
+                "(KEY: letters, digits and '_', not starting with a digit)"
+            )
+        # KEY alone: a reference, ${KEY}, that Ray expands from the environment on the cluster.
+        env_vars[key] = value if sep else f"${{{key}}}"
     uri = tracking_uri or environ.get(TRACKING_ENV)
     if uri:
         env_vars[TRACKING_ENV] = uri
@@ -184,16 +237,21 @@ def submit(
     log(mode + shlex.join(job.command()))
     if dry_run:
         return 0
-    command = job.command(ray_executable())
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        code, agent_not_ready = _run_echoing(command, env)
-        if code == 0 or not agent_not_ready or time.monotonic() >= deadline:
-            return code
-        # The head's job server answers before its job agent has registered (seconds after
-        # `ray start`): Ray refuses the job without creating it, so it is safe to ask again.
-        log(f"the cluster's job agent is not ready yet; submitting again in {AGENT_RETRY_S:g} s")
-        time.sleep(AGENT_RETRY_S)
+    with tempfile.TemporaryDirectory(prefix="raymix-submit-") as folder:
+        # The runtime environment goes in a file only this user can read, not on a command line.
+        spec = Path(folder) / "runtime_env.json"
+        spec.touch(mode=0o600)
+        spec.write_text(json.dumps(job.runtime_env()))
+        command = job.command(ray_executable(), runtime_env_file=str(spec))
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            code, agent_not_ready = _run_echoing(command, env, job.secrets())
+            if code == 0 or not agent_not_ready or time.monotonic() >= deadline:
+                return code
+            # The head's job server answers before its job agent has registered (seconds after
+            # `ray start`): Ray refuses the job without creating it, so it is safe to ask again.
+            log(f"the cluster's job agent is not ready yet; submitting again in {AGENT_RETRY_S:g} s")
+            time.sleep(AGENT_RETRY_S)
 
 
 def ray_executable() -> str:
@@ -202,16 +260,16 @@ def ray_executable() -> str:
     return str(beside) if beside.exists() else "ray"
 
 
-def _run_echoing(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
-    """Run ``command``, passing its output through line by line; (exit status, whether Ray
-    said that no job agent was available)."""
+def _run_echoing(command: list[str], env: dict[str, str], secrets: Sequence[str] = ()) -> tuple[int, bool]:
+    """Run ``command``, passing its output through line by line with ``secrets`` masked;
+    (exit status, whether Ray said that no job agent was available)."""
     seen = False
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
+            sys.stdout.write(mask(line, secrets))
             sys.stdout.flush()
             seen = seen or AGENT_NOT_READY in line
     return proc.returncode, seen

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
+import ray
 import yaml
 from ray.tune import ExperimentAnalysis
 
@@ -156,11 +157,30 @@ def _outcome(status: str, epochs: int, planned: int) -> str:
     return status.lower()
 
 
+def _error_text(trial: Any) -> str | None:
+    """A failed trial's error file: in the sweep folder (readable with Ray shut down), else in
+    the driver's staging folder (where Tune writes it first, while Ray runs)."""
+    name = trial.run_metadata.error_filename
+    if not name:
+        return None
+    try:
+        fs = trial.storage.storage_filesystem
+        with fs.open_input_stream(f"{trial.path}/{name}") as f:
+            return bytes(f.read()).decode(errors="replace")
+    except (OSError, AttributeError):
+        pass
+    if ray.is_initialized():
+        try:
+            return Path(trial.error_file).read_text(errors="replace") if trial.error_file else None
+        except OSError:
+            return None
+    return None
+
+
 def trial_error(trial: Any) -> str:
     """The last line of a failed trial's error (its exception)."""
-    try:
-        text = Path(trial.error_file).read_text() if trial.error_file else ""
-    except OSError:
+    text = _error_text(trial)
+    if text is None:
         return "error (no error file)"
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,11 +30,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # the V2 types
 
 from raymix.config import Config, ConfigError, config_from_dict
-from raymix.engine.checkpoint import load_checkpoint, save_checkpoint
+from raymix.engine.checkpoint import check_writable, first_missing, load_checkpoint, save_checkpoint
 from raymix.engine.loop import train_loop
 from raymix.engine.run import RunFailedError
 from raymix.engine.trainer import Trainer
-from raymix.integrations.cluster import check_shared_storage, init_ray, storage_override
+from raymix.integrations.cluster import STORAGE_ENV, check_shared_storage, init_ray, storage_override
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -165,17 +166,11 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
             )
 
 
-def check_storage(storage_path: str, name: str) -> None:
-    """A local run folder must be writable before training starts."""
+def check_storage(storage_path: str, name: str, key: str = "scaling.storage_path") -> None:
+    """A local run folder must be writable before training starts; ``key`` names the setting."""
     if "://" in storage_path:
         return  # remote storage (s3://, gs://, ...) is checked by Ray when the run starts
-    folder = Path(storage_path) / name
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"scaling.storage_path: cannot write to {folder}: {exc.strerror}") from None
+    check_writable(Path(storage_path) / name, key)
 
 
 def best_checkpoint(result: Any) -> str | None:
@@ -205,16 +200,24 @@ def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """
     cfg = absolute_paths(cfg)
     storage_path, name = run_location(cfg)
-    started = init_ray()
+    given = bool(storage_override() or cfg.scaling.storage_path)
+    key = STORAGE_ENV if storage_override() else "scaling.storage_path"
+    created = first_missing(f"{storage_path}/{name}")  # removed again if the run is refused
+    check_storage(storage_path, name, key if given else "training.output_dir")  # needs no cluster
+    started = training = False
     try:
+        started = init_ray()
         check_resources(cfg, ray.cluster_resources())
-        given = bool(storage_override() or cfg.scaling.storage_path)
-        check_shared_storage(storage_path, given, "scaling.storage_path")
-        check_storage(storage_path, name)
+        check_shared_storage(storage_path, given, key)
         log(f"Ray Train: {cfg.scaling.num_workers} worker(s), run folder {Path(storage_path) / name}")
+        training = True
         result = build_trainer(cfg, storage_path, name).fit()
     except ray.train.TrainingFailedError as exc:
         raise RunFailedError(f"training failed after {cfg.scaling.max_failures} restart(s): {exc}") from exc
+    except ConfigError:
+        if not training and created is not None:  # refused before training: leave nothing behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         if started:
             ray.shutdown()

@@ -31,12 +31,16 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from raymix.config import (
+    MAX_COUNT,
+    MAX_EPOCHS,
+    MAX_SEED,
     METHOD_CONFIGS,
     Config,
     ConfigError,
     Section,
     apply_overrides,
     apply_values,
+    check_name,
     config_from_dict,
     read_yaml,
 )
@@ -89,20 +93,22 @@ class Param(Section):
 
 class Scheduler(Section):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1, le=MAX_EPOCHS)
     reduction_factor: float = Field(2.0, gt=1.0)
-    max_t: int | None = Field(None, ge=1, description="null: the base config's training.epochs")
+    max_t: int | None = Field(
+        None, ge=1, le=MAX_EPOCHS, description="null: the base config's training.epochs"
+    )
 
 
 class Searcher(Section):
     type: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     multivariate: bool = True
-    n_startup_trials: int = Field(10, ge=0)
+    n_startup_trials: int = Field(10, ge=0, le=MAX_COUNT)
 
 
 class SearchSpace(Section):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="null: the file's stem")
+    name: str | None = Field(None, description="null: the file's stem")
     storage_path: str | None = Field(
         None, description="sweep folders go here (a path or URI); null: ./sweeps"
     )
@@ -110,9 +116,11 @@ class SearchSpace(Section):
     overrides: dict[str, Any] = Field(default_factory=dict)
     metric: str = "knn_top1"
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, ge=1)
-    max_concurrent_trials: int | None = Field(None, ge=1, description="null: what the cluster can hold")
-    max_failures: int = Field(0, ge=0, description="retries of a failed trial")
+    num_samples: int = Field(8, ge=1, le=MAX_COUNT)
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="null: what the cluster can hold"
+    )
+    max_failures: int = Field(0, ge=0, le=1000, description="retries of a failed trial")
     gpus_per_trial: float = Field(
         1.0, gt=0.0, le=1.0,
         description="single-worker GPU trials: the share of one GPU each takes (< 1 lets trials share)",
@@ -121,6 +129,12 @@ class SearchSpace(Section):
     searcher: Searcher = Searcher()
     points_to_evaluate: list[dict[str, Value]] = Field(default_factory=list)
     params: dict[str, Param] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _single_folder(self) -> SearchSpace:
+        if self.name is not None:
+            check_name(self.name, "name")
+        return self
 
 
 class SearchSpaceError(ConfigError):

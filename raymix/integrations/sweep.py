@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from raymix.config import Config, ConfigError
-from raymix.engine.checkpoint import load_checkpoint
+from raymix.config import Config, ConfigError, check_name
+from raymix.engine.checkpoint import first_missing, load_checkpoint
 from raymix.engine.loop import train_loop
 from raymix.engine.run import config_changes
 from raymix.engine.trainer import Trainer
@@ -95,7 +96,12 @@ def prepare(
     storage = given or "sweeps"
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    stem = name or space.name or Path(space_path).stem
+    if name is not None:
+        stem = check_name(name, "--name")
+    elif space.name is not None:
+        stem = space.name
+    else:
+        stem = check_name(Path(space_path).stem, "the space file's stem (set --name)")
     return Sweep(space, base, str(Path(space_path).resolve()), storage, stem, storage_given=bool(given))
 
 
@@ -282,20 +288,25 @@ def run_sweep(
     """
     sweep = prepare(space_path, overrides, name, num_samples)
     tracking.check_reachable(sweep.config.tracking)
-    started = ray_train.init_ray()
+    _check_resume(sweep, resume)
+    created = first_missing(sweep.path)  # removed again if the sweep is refused before its trials
+    key = cluster.STORAGE_ENV if cluster.storage_override() else "storage_path"
+    ray_train.check_storage(sweep.storage_path, sweep.name, key)  # creates the local folder
+    started = False
     recorder: tracking.TrialRecorder | None = None
+    fitting = False
     try:
+        started = ray_train.init_ray()
         ray_train.check_resources(sweep.config, ray.cluster_resources())
         limit = concurrency(sweep, ray.cluster_resources())
-        _check_resume(sweep, resume)
-        cluster.check_shared_storage(sweep.storage_path, sweep.storage_given, "storage_path")
-        ray_train.check_storage(sweep.storage_path, sweep.name)
+        cluster.check_shared_storage(sweep.storage_path, sweep.storage_given, key)
+        recorder = tracking.open_sweep(sweep, resume=resume)
         if not resume:
             leaderboard.write_text(
                 f"{sweep.path}/{leaderboard.SWEEP_FILE}", yaml.safe_dump(sweep.resolved(), sort_keys=False)
             )
-        recorder = tracking.open_sweep(sweep, resume=resume)
-        where = f"MLflow {recorder.uri} (parent run {recorder.parent_run_id})" if recorder else "no MLflow"
+        shown = tracking.redact_uri(recorder.uri) if recorder else ""
+        where = f"MLflow {shown} (parent run {recorder.parent_run_id})" if recorder else "no MLflow"
         mode = "in-process" if in_process(sweep.config) else f"Ray Train x{sweep.config.scaling.num_workers}"
         log(f"sweep {sweep.path}: {sweep.space.num_samples} trials ({mode}), up to {limit} at once, " + where)
         if resume:
@@ -328,18 +339,28 @@ def run_sweep(
             )
         # Save Tune's state often, so a killed driver loses at most a second of bookkeeping.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+        fitting = True
         tuner.fit()
+    except ConfigError:
+        if not fitting and created:  # refused before any trial: leave nothing behind
+            tracking.discard_sweep(recorder)
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     except Exception as exc:  # an interrupted sweep's parent stays RUNNING: --resume continues it
         tracking.fail_sweep(recorder, exc)
         raise
     finally:
         if started:
             ray.shutdown()
-    board = leaderboard.load(sweep.path)
-    with tempfile.TemporaryDirectory() as tmp:
-        skipped = leaderboard.render(board, Path(tmp))
-        leaderboard.publish(Path(tmp), sweep.path)
-        tracking.close_sweep(recorder, board, Path(tmp))
+    try:  # with Ray shut down: what follows reads only the sweep folder
+        board = leaderboard.load(sweep.path)
+        with tempfile.TemporaryDirectory() as tmp:
+            skipped = leaderboard.render(board, Path(tmp))
+            leaderboard.publish(Path(tmp), sweep.path)
+            tracking.close_sweep(recorder, board, Path(tmp))
+    except Exception as exc:
+        tracking.fail_sweep(recorder, exc)
+        raise
     for plot, why in skipped.items():
         log(f"plot {plot} skipped: {why}")
     log(board.format())

@@ -15,12 +15,15 @@ A resumed sweep finds its parent and children again by tags (``raymix.sweep``,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import re
 import tempfile
 import time
-import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +36,7 @@ from ray.tune import Callback
 
 from raymix.config import ConfigError, TrackingConfig
 from raymix.engine.run import flatten
-from raymix.integrations.cluster import http_probe
+from raymix.integrations.cluster import redact_uri
 from raymix.integrations.leaderboard import Board, file_system, trial_error
 from raymix.integrations.ray_train import METRICS_FILE
 from raymix.integrations.search_space import SearchSpace, config_for, decode_point, trial_config
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from raymix.integrations.sweep import Sweep
 
 SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "raymix.sweep", "raymix.trial_id", "mlflow.parentRunId"
+RETRIES_ENV, TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"
 BATCH = 100  # MLflow takes at most 100 params per batch
 # Keys Tune adds to every result: bookkeeping, not measurements.
 TUNE_KEYS = {
@@ -60,21 +64,89 @@ def tracking_uri(configured: str | None) -> str:
     return uri
 
 
-def check_reachable(settings: TrackingConfig, timeout: float = 5.0) -> None:
-    """An MLflow server (http/https URI) must answer within ``timeout`` seconds.
+def uri_source() -> str:
+    """Which setting the tracking URI came from, for messages."""
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
 
-    MLflow's own client retries a dead server for minutes; this refuses it at once.
+
+@contextlib.contextmanager
+def _impatient_http(timeout: float) -> Iterator[None]:
+    """MLflow's HTTP calls without retries and with a short timeout, for the start-up check."""
+    saved = {key: os.environ.get(key) for key in (RETRIES_ENV, TIMEOUT_ENV)}
+    os.environ[RETRIES_ENV], os.environ[TIMEOUT_ENV] = "0", str(max(1, round(timeout)))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason from MLflow's long error texts: the HTTP status, the socket error, a timeout."""
+    text = str(exc)
+    status = re.search(r"error code (\d{3})|too many (\d{3}) error responses", text)
+    if status:
+        return f"HTTP {status.group(1) or status.group(2)}"
+    if "not in a valid JSON format" in text:
+        return "the answer is not MLflow's: not JSON"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return "no answer in time"
+    socket_error = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if socket_error:
+        return socket_error.group(1).strip()
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def check_reachable(settings: TrackingConfig, timeout: float = 5.0) -> None:
+    """An MLflow server (http/https URI) must answer MLflow's API within ``timeout`` seconds.
+
+    A search call, without retries: a server that is down, slow, or answers with errors
+    (HTTP 5xx, a page that is not MLflow's) is refused at once with one line, where MLflow's
+    own client would retry for minutes.
     """
     uri = tracking_uri(settings.uri)
     if not settings.enabled or not uri.startswith(("http://", "https://")):
         return
-    probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name="
-    _, why = http_probe(probe + urllib.parse.quote(settings.experiment), timeout)
-    if why is not None:  # any answer will do: the store's own errors follow
-        raise ConfigError(
-            f"tracking.uri {uri}: no MLflow server answers there ({why}). Start one (launch/"
-            "mlflow_server.sh), fix MLFLOW_TRACKING_URI or tracking.uri, or set tracking.enabled=false"
-        )
+    key = uri_source()
+    shown = redact_uri(uri)
+    with _impatient_http(timeout):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+            return
+        except MlflowException as exc:
+            why = _reason(exc)
+        except (OSError, ValueError) as exc:  # requests' errors are OSErrors
+            why = _reason(exc)
+    raise ConfigError(
+        f"{key} {shown}: no working MLflow server answers there ({redact_uri(why)}). Start one "
+        "(launch/mlflow_server.sh), fix MLFLOW_TRACKING_URI or tracking.uri, or set tracking.enabled=false"
+    )
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store: one process at a time creates (migrates) the database and the
+    experiment. Two sweeps started at once on a new store otherwise both run MLflow's schema
+    migrations, and one of them fails halfway."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115 (held across the yield)
+    except OSError as exc:
+        raise ConfigError(f"{uri_source()} {uri}: cannot write beside the database: {exc.strerror}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _params(values: dict[str, Any]) -> list[Param]:
@@ -108,9 +180,10 @@ def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
     if not settings.enabled:
         return None
     uri = tracking_uri(settings.uri)
-    client = MlflowClient(uri)
     try:
-        experiment_id = _experiment(client, settings.experiment, uri)
+        with store_lock(uri):  # a new SQLite store is created (migrated) by the first client
+            client = MlflowClient(uri)
+            experiment_id = _experiment(client, settings.experiment, uri)
         found = (
             client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep.path}'", max_results=1)
             if resume
@@ -138,7 +211,10 @@ def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
                 parent_id, yaml.safe_dump(sweep.resolved(), sort_keys=False), "space/resolved.yaml"
             )
     except (MlflowException, OSError) as exc:
-        raise ConfigError(f"tracking.uri {uri}: the MLflow tracking store cannot be used: {exc}") from None
+        raise ConfigError(
+            f"{uri_source()} {redact_uri(uri)}: the MLflow tracking store cannot be used: "
+            f"{redact_uri(_reason(exc))}"
+        ) from None
     return TrialRecorder(
         uri=uri,
         experiment_id=experiment_id,
@@ -159,6 +235,16 @@ def fail_sweep(recorder: TrialRecorder | None, error: BaseException) -> None:
         recorder.client.set_terminated(recorder.parent_run_id, "FAILED")
     except (MlflowException, OSError):
         pass  # the store is what failed: the run keeps its last state
+
+
+def discard_sweep(recorder: TrialRecorder | None) -> None:
+    """Delete the parent run of a sweep refused before its first trial (best effort)."""
+    if recorder is None:
+        return
+    try:
+        recorder.client.delete_run(recorder.parent_run_id)
+    except (MlflowException, OSError):
+        pass
 
 
 def close_sweep(recorder: TrialRecorder | None, board: Board, outputs: Path) -> None:

@@ -114,7 +114,8 @@ def test_an_unreachable_tracking_server_stops_the_sweep_before_any_trial(tmp_pat
     start = time.monotonic()
     assert main(["tune", str(write_space(tmp_path))]) == 2
     assert time.monotonic() - start < 30
-    assert f"tracking.uri {uri}: no MLflow server answers there" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"MLFLOW_TRACKING_URI {uri}: no working MLflow server answers there (Connection refused)" in err
     assert not (tmp_path / "sweeps").exists()
 
 
@@ -144,11 +145,53 @@ def test_submit_builds_the_ray_job_command(tmp_path, capsys):
         "--runtime-env-json",
     ]
     runtime_env = json.loads(command[8])
-    assert runtime_env["env_vars"] == {
-        "A": "b=c", "MLFLOW_TRACKING_URI": "http://mlflow:5000", cluster.STORAGE_ENV: "s3://bucket/raymix"
+    assert runtime_env["env_vars"] == {  # --env values are masked in what is printed
+        "A": "***", "MLFLOW_TRACKING_URI": "http://mlflow:5000", cluster.STORAGE_ENV: "s3://bucket/raymix"
     }  # fmt: skip
     assert "/.venv" in runtime_env["excludes"] and "/data" in runtime_env["excludes"]
     assert command[9:] == ["--", "raymix", "tune", QUICKSTART, "training.epochs=4", "--name", "q"]
+
+
+def test_submit_prints_no_secret_and_passes_them_off_the_command_line(tmp_path, monkeypatch, capfd):
+    """--env values and a password in the tracking URI are masked in everything raymix prints
+    (its command line and the job's output); the job still gets them, from a private file."""
+    seen = tmp_path / "seen.txt"
+    script = tmp_path / "ray"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {seen}\n'
+        'while [ "$1" != "--runtime-env" ]; do shift; done\n'
+        f'cat "$2" >> {seen}; echo >> {seen}; stat -c %a "$2" >> {seen}\n'
+        "echo 'job log: token=hunter2secret uri=http://bob:pa55word@mlflow:5000'\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(jobs, "ray_executable", lambda: str(script))
+    monkeypatch.setattr(jobs, "check_job_server", lambda address, env: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:pa55word@mlflow:5000")
+    argv = [
+        "submit", "--address", "head:8265", "--storage", "/shared/sweeps", "--env", "TOKEN=hunter2secret",
+        "--env", "HF_TOKEN", "--", "tune", QUICKSTART, "training.epochs=4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    for secret in ("hunter2secret", "pa55word"):
+        assert secret not in out
+    assert "http://bob:***@mlflow:5000" in out and "token=***" in out
+    assert '"TOKEN":"***"' in out and '"HF_TOKEN":"${HF_TOKEN}"' in out
+    # What ray job submit received: no value on its command line, every value in the file.
+    args, env_json, mode = seen.read_text().splitlines()
+    assert "hunter2secret" not in args and "pa55word" not in args and "--runtime-env-json" not in args
+    env_vars = json.loads(env_json)["env_vars"]
+    assert env_vars["TOKEN"] == "hunter2secret" and env_vars["HF_TOKEN"] == "${HF_TOKEN}"
+    assert env_vars["MLFLOW_TRACKING_URI"] == "http://bob:pa55word@mlflow:5000" and mode == "600"
+
+
+@pytest.mark.parametrize("item, shown", [("1X=y", "'1X'"), ("A-B=y", "'A-B'"), ("=y", "''")])
+def test_submit_refuses_a_bad_env_name(capsys, item, shown):
+    argv = ["submit", "--address", "head:8265", "--dry-run", "--storage", "/s", "--env", item]
+    assert main([*argv, "--", "tune", QUICKSTART, "tracking.enabled=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"--env {shown}: expected KEY=VALUE" in err
 
 
 def _fake_ray(tmp_path, refusals: int, then: int) -> Path:
@@ -201,7 +244,7 @@ def test_submit_asks_again_while_the_job_agent_is_not_ready(
         (["--storage", "/abs", "--", "eval", "x.pt"], "expected -- tune SPACE"),
         (["--storage", "/abs", "--", "train", "launch/experiments/digits.yaml", "--bogus"], "--bogus"),
         (
-            ["--storage", "/abs", "--env", "NOEQUALS", "--", "train", "launch/experiments/digits.yaml"],
+            ["--storage", "/abs", "--env", "=value", "--", "train", "launch/experiments/digits.yaml"],
             "--env",
         ),
     ],
@@ -309,6 +352,21 @@ def test_rayjob_manifest_runs_an_entrypoint_that_exists(capsys):
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # storage every node sees
     mlflow = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert mlflow["command"] == ["/app/launch/mlflow_server.sh"]
+    # The dashboard listens on the pod's address only behind token auth, from a Secret.
+    auth = job["spec"]["rayClusterSpec"]["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"]
+    assert (
+        f"secret generic {auth['secretName']} --from-literal=auth_token="
+        in (REPO / "launch" / "rayjob.yaml").read_text()
+    )
+    # MLflow (no login) has no address outside the cluster and admits only the Ray pods.
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app": "mlflow"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and policy["spec"]["ingress"][0]["from"]
+    submitter = policy["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"]
+    assert submitter == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
     dockerfile = (REPO / "launch" / "Dockerfile").read_text()
     assert f"rayproject/ray:{ray.__version__}-" in dockerfile
     for line in dockerfile.splitlines():

@@ -7,12 +7,6 @@ stack: Tune, OptunaSearch, ASHA, the trainables, the driver's MLflow callback.
 from __future__ import annotations
 
 import math
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -266,77 +260,6 @@ def test_ranking_puts_failed_and_missing_last(tmp_path):
     assert board.best_row().trial_id == "c"
     minimise = leaderboard.Board(space.model_copy(update={"mode": "min"}), base, str(tmp_path), rows)
     assert minimise.best_row().trial_id == "a"
-
-
-def _alive_in_session(sid: int) -> list[int]:
-    """Processes of a session that are still running (zombies are dead: they only await reaping)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
-def _finished_trials(db: Path) -> list[str]:
-    """Run ids of finished trial runs, read straight from SQLite: an MLflow client here would
-    race the driver's creation of the database."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            rows = conn.execute(
-                "select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid "
-                "where r.status = 'FINISHED' and t.key = 'raymix.trial_id'"
-            ).fetchall()
-    except sqlite3.Error:  # tables not created yet
-        return []
-    return [row[0] for row in rows]
-
-
-def test_a_killed_driver_resumes_without_running_or_logging_finished_trials_again(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = write_space(tmp_path, num_samples=2, max_concurrent_trials=1)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    command = [sys.executable, "-m", "raymix", "tune", str(path)]
-    with (tmp_path / "first.log").open("w") as log:
-        driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
-        try:
-            finished: list = []
-            deadline = time.monotonic() + 240
-            while not finished and time.monotonic() < deadline and driver.poll() is None:
-                time.sleep(1)
-                finished = _finished_trials(tmp_path / "mlflow.db")
-            time.sleep(2)  # past Tune's next snapshot of its state
-        finally:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-    assert len(finished) == 1, (tmp_path / "first.log").read_text()[-3000:]
-    finished = [MlflowClient(uri).get_run(run_id) for run_id in finished]
-    deadline = time.monotonic() + 30  # Ray's processes notice the driver's death within seconds
-    while _alive_in_session(driver.pid) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert _alive_in_session(driver.pid) == []
-    done_id = finished[0].data.tags["raymix.trial_id"]
-
-    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    client, parent, children = mlflow_runs(uri)
-    assert parent.info.status == "FINISHED" and len(children) == 2
-    for run in children:
-        assert run.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1")]
-        assert steps == [1, 2]  # every epoch once, across the kill
-    again = next(r for r in children if r.data.tags["raymix.trial_id"] == done_id)
-    assert again.info.end_time == finished[0].info.end_time  # not closed twice
-    progress = (tmp_path / "sweeps" / "space" / f"trial_{done_id}" / "progress.csv").read_text()
-    assert len(progress.strip().splitlines()) == 1 + 2  # not trained again
-    board = leaderboard.load(str(tmp_path / "sweeps" / "space"))
-    assert sorted(row.outcome for row in board.rows) == ["completed"] * 2
 
 
 @pytest.mark.parametrize(
