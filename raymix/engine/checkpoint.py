@@ -49,7 +49,7 @@ def check_writable(folder: str | Path, key: str) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise StorageError(f"{key}: cannot write to {folder}: {exc.strerror or exc}") from None
+        raise StorageError(f"{key}: {storage_error(exc, folder)}") from None
 
 
 def first_missing(path: str | Path) -> Path | None:

@@ -169,6 +169,11 @@ def storage_override() -> str | None:
     return os.environ.get(STORAGE_ENV) or None
 
 
+def storage_key(setting: str) -> str:
+    """What messages name as the storage's source: RAYMIX_STORAGE_PATH when set, else ``setting``."""
+    return STORAGE_ENV if storage_override() else setting
+
+
 def alive_nodes() -> list[dict[str, Any]]:
     return [node for node in ray.nodes() if node.get("Alive")]
 

@@ -34,7 +34,7 @@ from raymix.engine.checkpoint import check_writable, first_missing, load_checkpo
 from raymix.engine.loop import train_loop
 from raymix.engine.run import RunFailedError
 from raymix.engine.trainer import Trainer
-from raymix.integrations.cluster import STORAGE_ENV, check_shared_storage, init_ray, storage_override
+from raymix.integrations.cluster import check_shared_storage, init_ray, storage_key, storage_override
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -201,7 +201,7 @@ def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     cfg = absolute_paths(cfg)
     storage_path, name = run_location(cfg)
     given = bool(storage_override() or cfg.scaling.storage_path)
-    key = STORAGE_ENV if storage_override() else "scaling.storage_path"
+    key = storage_key("scaling.storage_path")
     created = first_missing(f"{storage_path}/{name}")  # removed again if the run is refused
     check_storage(storage_path, name, key if given else "training.output_dir")  # needs no cluster
     started = training = False

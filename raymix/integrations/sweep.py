@@ -290,7 +290,7 @@ def run_sweep(
     tracking.check_reachable(sweep.config.tracking)
     _check_resume(sweep, resume)
     created = first_missing(sweep.path)  # removed again if the sweep is refused before its trials
-    key = cluster.STORAGE_ENV if cluster.storage_override() else "storage_path"
+    key = cluster.storage_key("storage_path")
     ray_train.check_storage(sweep.storage_path, sweep.name, key)  # creates the local folder
     started = False
     recorder: tracking.TrialRecorder | None = None

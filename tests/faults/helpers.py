@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).parents[2]
 DIGITS = ROOT / "launch" / "experiments" / "digits.yaml"
@@ -85,3 +86,15 @@ def alive_in_session(sid: int) -> list[int]:
         if int(fields[3]) == sid and fields[0] != "Z":
             alive.append(int(stat.parent.name))
     return alive
+
+
+def sweep_runs(uri: str) -> tuple[Any, list, list]:
+    """(client, parent runs, trial runs) of the raymix experiment in an MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("raymix")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children

@@ -19,16 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from raymix.cli import main
 from raymix.integrations import leaderboard, sweep
-from tests.faults.helpers import alive_in_session, space_file
-
-
-def _runs(uri: str) -> tuple[MlflowClient, list, list]:
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("raymix")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
+from tests.faults.helpers import alive_in_session, space_file, sweep_runs
 
 
 def _duplicate_steps(client: MlflowClient, runs: list) -> int:
@@ -84,7 +75,7 @@ def test_concurrent_sweeps_on_one_store_with_a_diverging_trial(tmp_path, fault):
     written = all(
         (folder / f).is_file() for f in (leaderboard.LEADERBOARD_FILE, leaderboard.BEST_CONFIG_FILE)
     )
-    client, parents, children = _runs(uri)
+    client, parents, children = sweep_runs(uri)
     statuses = sorted(r.info.status for r in [*parents, *children])
     best = main(["best", str(folder), "--out", str(tmp_path / "best.yaml")])  # Ray is down here
     duplicates = _duplicate_steps(client, children)
@@ -150,7 +141,7 @@ def test_a_killed_driver_resumes_without_running_or_logging_finished_trials_agai
 
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    client, parents, children = _runs(uri)
+    client, parents, children = sweep_runs(uri)
     again = next(r for r in children if r.data.tags["raymix.trial_id"] == done_id)
     closed_twice = again.info.end_time != finished[0].info.end_time
     progress = (tmp_path / "sweeps" / "space" / f"trial_{done_id}" / "progress.csv").read_text()

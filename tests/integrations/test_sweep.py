@@ -18,6 +18,7 @@ from raymix.cli import main
 from raymix.config import METHOD_NAMES, load_config
 from raymix.integrations import leaderboard, sweep
 from raymix.integrations.search_space import SearchSpaceError
+from tests.faults.helpers import sweep_runs
 
 ROOT = Path(__file__).parents[2]
 DIGITS = ROOT / "launch" / "experiments" / "digits.yaml"
@@ -56,11 +57,8 @@ def write_space(tmp_path: Path, name: str = "space", **fields) -> Path:
 
 
 def mlflow_runs(uri: str) -> tuple[MlflowClient, object, list]:
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("raymix")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    """The store's one sweep: (client, parent run, trial runs nested under it)."""
+    client, parents, children = sweep_runs(uri)
     assert len(parents) == 1 and all(
         r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children
     )
