@@ -47,18 +47,23 @@ BACKBONES = {
     "resnet18": ["backbone.name=resnet18", "backbone.cifar_stem=true"],
 }
 COMMON = ["data.name=synthetic", "data.image_size=32", "data.synthetic_train_size=20000", "head.out_dim=256"]
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring.
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name substring;
+# the first key found in the name wins, so the more specific names come first.
 BF16_PEAK = {
-    "H200": 989.4e12, "H100 SXM": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 NVL": 835.5e12,
-    "H100 PCIe": 756.0e12, "H100": 756.0e12, "A100": 312.0e12, "L40S": 362.1e12, "A10G": 70.0e12,
-    "L4": 121.0e12,
+    "H200 NVL": 835.5e12, "H200": 989.4e12, "H100 SXM": 989.4e12, "H100 80GB HBM3": 989.4e12,
+    "H100 NVL": 835.5e12, "H100 PCIe": 756.0e12, "H100": 756.0e12, "A100": 312.0e12, "L40S": 362.1e12,
+    "A10G": 70.0e12, "L4": 121.0e12,
 }  # fmt: skip
 
 
 def bf16_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_of(torch.cuda.get_device_name(device))
+
+
+def peak_of(name: str) -> float | None:
+    """The dense bf16 peak of a device named ``name`` (as CUDA names it), if known."""
     return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
 
 
@@ -146,6 +151,21 @@ def profile(
     ]
 
 
+def sync_free(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> str:
+    """On CUDA: 'yes' when two steps run under ``set_sync_debug_mode("error")``, else the error."""
+    torch.cuda.synchronize(trainer.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            trainer.train_step(images, labels)
+        return "yes"
+    except RuntimeError as exc:
+        return f"no: {str(exc).splitlines()[0][:200]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(trainer.device)
+
+
 def measure(method: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         trainer = build(method, backbone, args)
@@ -178,6 +198,7 @@ def measure(method: str, backbone: str, args: argparse.Namespace) -> dict[str, A
         row["mfu_bf16"] = round(flops / seconds / peak, 4)
     if trainer.device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)
+        row["sync_free_step"] = sync_free(trainer, images, labels)
     if args.profile:
         row["top_kernels"] = profile(trainer, images, labels)
     del trainer, images, labels

@@ -244,6 +244,7 @@ class TrainingConfig(Section):
         False, description="torch.compile the encoders (for GPUs; a minute or so of compiling first)"
     )
     channels_last: bool = Field(False, description="NHWC weights and batches: ResNets on GPU tensor cores")
+    tf32: bool = Field(True, description="GPU: TF32 tensor cores for float32 matmuls and convolutions")
     eval_every: int = Field(1, ge=0, le=MAX_EPOCHS, description="kNN every n epochs; 0: only after the last")
     checkpoint_every: int = Field(1, ge=1, le=MAX_EPOCHS)
     keep_checkpoints: int = Field(
@@ -296,6 +297,11 @@ class ScalingConfig(Section):
     )  # fmt: skip
     max_failures: int = Field(
         0, ge=0, le=1000, description="worker-group restarts from the latest checkpoint"
+    )
+    sync_batchnorm: Literal["global", "torch"] = Field(
+        "global",
+        description="BatchNorm across workers: global (raymix's, no host sync, any device) or "
+        "torch (torch's SyncBatchNorm on GPUs; 3 host syncs per layer per forward)",
     )
 
 

@@ -98,8 +98,13 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     BatchNorm layers must already be synchronised (``models.syncbn.convert_batchnorm``).
     Buffers are not re-broadcast from rank 0 at every forward: synchronised BatchNorm keeps
     running statistics equal, and every rank fills its key queue with the same gathered keys.
+    Gradients are views of DDP's buckets (no copy in and out of them), and the graph is
+    static: every step uses every trainable parameter, each gradient accumulated once per
+    backward, so DDP fixes its bucket order after the first step.
     """
     if not is_distributed():
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(
+        module, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True, static_graph=True
+    )

@@ -1,7 +1,9 @@
 """Contrastive losses shared by the methods. Pure tensor functions: no distributed calls.
 
 Callers pass keys already gathered over workers and the offset ``rank * B`` of their own
-rows, so one process and several give the same numbers.
+rows, so one process and several give the same numbers. Similarities, logits and the
+softmax are computed in float32 even under bf16 autocast (:func:`fp32`): a bf16 logit
+of 1/tau = 10 has a resolution of 0.06.
 """
 
 from __future__ import annotations
@@ -10,12 +12,18 @@ import torch
 import torch.nn.functional as F
 
 
+def fp32(like: torch.Tensor) -> torch.autocast:
+    """A region where autocast leaves float32 alone (on ``like``'s device type)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """mean_b sum_n -targets[b, n] * log_softmax(logits)[b, n].
 
     logits, targets: (B, N). Rows of ``targets`` need not sum to one (SNCLR's sum to 2).
     """
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+    with fp32(logits):
+        return -(targets.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
 def info_nce(
@@ -32,13 +40,14 @@ def info_nce(
     negatives: optional (M, D) queue of past keys (MoCo v2, He et al. 2020) appended as
     extra columns. All inputs are L2-normalised here.
     """
-    q = F.normalize(query.float(), dim=1)
-    k = F.normalize(keys.float(), dim=1)
-    logits = q @ k.T  # (B, N)
-    if negatives is not None and negatives.numel():
-        logits = torch.cat([logits, q @ F.normalize(negatives.float(), dim=1).T], dim=1)  # (B, N + M)
-    labels = torch.arange(q.shape[0], device=q.device) + offset
-    return 2.0 * temperature * F.cross_entropy(logits / temperature, labels)
+    with fp32(query):
+        q = F.normalize(query.float(), dim=1)
+        k = F.normalize(keys.float(), dim=1)
+        logits = q @ k.T  # (B, N)
+        if negatives is not None and negatives.numel():
+            logits = torch.cat([logits, q @ F.normalize(negatives.float(), dim=1).T], dim=1)  # (B, N + M)
+        labels = torch.arange(q.shape[0], device=q.device) + offset
+        return 2.0 * temperature * F.cross_entropy(logits / temperature, labels)
 
 
 def soft_contrast(
@@ -50,9 +59,10 @@ def soft_contrast(
     cross-entropy with no 2 tau factor (PatchMix, METHODS.md section 1). Inputs are
     L2-normalised here.
     """
-    q = F.normalize(query.float(), dim=1)
-    k = F.normalize(keys.float(), dim=1)
-    return soft_cross_entropy(q @ k.T / temperature, targets)
+    with fp32(query):
+        q = F.normalize(query.float(), dim=1)
+        k = F.normalize(keys.float(), dim=1)
+        return soft_cross_entropy(q @ k.T / temperature, targets)
 
 
 def supcon_loss(
@@ -75,24 +85,37 @@ def supcon_loss(
 
     Anchors without a positive are left out of the mean; with none at all the loss is 0.
     """
+    with fp32(features):
+        return _supcon(features, labels, temperature, base_temperature, anchors)
+
+
+def _supcon(
+    features: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    base_temperature: float,
+    anchors: slice | None,
+) -> torch.Tensor:
+    """:func:`supcon_loss` in float32, with arithmetic masks only (nothing read back to the host)."""
     batch, views, _ = features.shape
+    device = features.device
     z = F.normalize(features.float(), dim=-1).transpose(0, 1).reshape(views * batch, -1)  # row v * B + i
-    ids = (labels.to(z.device) if labels is not None else torch.arange(batch, device=z.device)).repeat(views)
-    rows = torch.arange(views * batch, device=z.device)
-    images = rows % batch
-    if anchors is not None:
-        start, stop, _ = anchors.indices(batch)
-        rows = rows[(images >= start) & (images < stop)]
+    ids = (labels.to(device) if labels is not None else torch.arange(batch, device=device)).repeat(views)
+    start, stop, _ = (anchors or slice(None)).indices(batch)
+    # Anchor rows v * B + i for every view v and image i in [start, stop), in row order.
+    rows = (
+        torch.arange(views, device=device)[:, None] * batch + torch.arange(start, stop, device=device)
+    ).flatten()
+    columns = torch.arange(views * batch, device=device)
     logits = z[rows] @ z.T / temperature  # (A, V * B)
-    self_pair = rows[:, None] == torch.arange(views * batch, device=z.device)[None, :]
+    self_pair = rows[:, None] == columns[None, :]
     logits = logits.masked_fill(self_pair, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positive = (ids[rows][:, None] == ids[None, :]) & ~self_pair
+    positive = ((ids[rows][:, None] == ids[None, :]) & ~self_pair).float()
     count = positive.sum(dim=1)
-    mean_log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / count.clamp_min(
-        1
-    )
-    has_positive = count > 0
-    if not has_positive.any():
-        return logits.new_zeros(()) + 0.0 * z.sum()
-    return -(temperature / base_temperature) * mean_log_prob[has_positive].mean()
+    kept = torch.where(positive > 0, log_prob, torch.zeros_like(log_prob))  # no -inf * 0
+    mean_log_prob = kept.sum(dim=1) / count.clamp_min(1)
+    has_positive = (count > 0).float()
+    # Mean over anchors with a positive; 0 (with a zero gradient) when none has one.
+    loss = -(mean_log_prob * has_positive).sum() / has_positive.sum().clamp_min(1)
+    return (temperature / base_temperature) * loss

@@ -93,6 +93,15 @@ def test_flop_counter_counts_a_vit_exactly(monkeypatch):
     assert counter.get_total_flops() == embed + 12 * (linear + attention)
 
 
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [("NVIDIA H200 NVL", 835.5), ("NVIDIA H200", 989.4), ("NVIDIA H100 80GB HBM3", 989.4),
+     ("NVIDIA H100 NVL", 835.5), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0)],
+)  # fmt: skip
+def test_each_gpu_gets_its_own_bf16_peak(monkeypatch, name, tflops):
+    assert load_throughput(monkeypatch).peak_of(name) == pytest.approx(tflops * 1e12)
+
+
 def test_throughput_flops_scale_with_batch(tmp_path):
     """Counted FLOPs are the whole step's: doubling the batch about doubles them."""
     gflops = {}

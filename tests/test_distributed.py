@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from raymix import dist
 from raymix.config import load_config
 from raymix.methods import build_method
-from raymix.methods.base import mix_seed
+from raymix.methods.base import step_draws
 from raymix.methods.patchmix import patch_mix, patchmix_targets, smooth
 from raymix.methods.unmix import sample_unmix, unmix_images
 from raymix.models.syncbn import GlobalBatchNorm, convert_batchnorm
@@ -63,8 +63,7 @@ def _patchmix_one_process(method, view1, view2):
     halves = []
     for rank in range(WORLD):
         rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        g = torch.Generator().manual_seed(mix_seed(0, 0))
-        torch.rand((), generator=g)  # the mix-or-not draw
+        g = step_draws(0, 0).device
         halves.append([patch_mix(v[rows], method.num_mix, method.patch_size, g)[0] for v in (view1, view2)])
     mixes = (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
     per_rank = [patchmix_targets(BATCH // WORLD, method.num_mix, r, WORLD) for r in range(WORLD)]
@@ -81,9 +80,9 @@ def _unmix_one_process(method, view1, view2):
     does, with the same (seed, step) generator, and pair rows within their half."""
     halves, partners, half = [], [], BATCH // WORLD
     for rank in range(WORLD):
-        g = torch.Generator().manual_seed(mix_seed(0, 0))
-        mode, lam = sample_unmix(method.beta, method.prob_global, g)
-        mixed, lam = unmix_images(view1[rank * half : (rank + 1) * half], lam, mode, g)
+        rng = step_draws(0, 0).host
+        mode, lam = sample_unmix(method.beta, method.prob_global, rng)
+        mixed, lam = unmix_images(view1[rank * half : (rank + 1) * half], lam, mode, rng)
         halves.append(mixed)
         partners.append(torch.arange(rank * half, (rank + 1) * half).flip(0))
     return method.contrast(view1, view2, torch.cat(halves), lam, torch.cat(partners))
@@ -131,8 +130,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.manual_seed(0)
             cfg = _config(case)
             method = convert_batchnorm(build_method(cfg), torch.device("cpu"))
-            for module in method.compile_targets() if cfg.training.compile else []:
-                module.compile()
+            if cfg.training.compile:
+                method.compile_step()
             model = dist.data_parallel(method, torch.device("cpu"))
             view1, view2, labels = _batch()
             loss, grads, queue, running = _step(model, method, view1[rows], view2[rows], labels[rows])

@@ -53,32 +53,30 @@ class ViewParams:
 # ---------------------------------------------------------------- sampling
 
 
-def _uniform(
-    low: float, high: float, shape: tuple[int, ...], generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+#: Uniform numbers one sample of one view draws: an area and a log ratio per crop attempt, the
+#: crop's position (2), and flip, jitter, brightness, contrast, saturation, hue, grayscale,
+#: blur, sigma and solarize (10).
+DRAWS_PER_SAMPLE = 2 * CROP_ATTEMPTS + 2 + 10
 
 
-def _bernoulli(p: float, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.rand(batch, generator=generator, device=device) < p
+def _scaled(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Uniforms in [0, 1) mapped to [low, high)."""
+    return low + (high - low) * u
 
 
-def sample_crop_boxes(
-    batch: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator,
-    device: torch.device,
+def crop_boxes(
+    uniforms: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RandomResizedCrop boxes ``(cx, cy, w, h)`` as fractions of a square image, each (B,).
+    """RandomResizedCrop boxes ``(cx, cy, w, h)`` as fractions of a square image, each (B,),
+    from ``uniforms`` (B, 2 * CROP_ATTEMPTS + 2) drawn in [0, 1).
 
     As torchvision: the area fraction is U(scale), the log aspect ratio U(log ratio); a box that does
     not fit is redrawn, here as CROP_ATTEMPTS draws in parallel taking the first that fits, and the
     whole image (with its ratio clamped into ``ratio``) when none does. The position is uniform.
     """
-    shape = (batch, CROP_ATTEMPTS)
-    area = _uniform(scale[0], scale[1], shape, generator, device)
-    log_ratio = _uniform(math.log(ratio[0]), math.log(ratio[1]), shape, generator, device)
+    attempts = CROP_ATTEMPTS
+    area = _scaled(uniforms[:, :attempts], scale[0], scale[1])  # (B, A)
+    log_ratio = _scaled(uniforms[:, attempts : 2 * attempts], math.log(ratio[0]), math.log(ratio[1]))
     aspect = torch.exp(log_ratio)
     w_try = torch.sqrt(area * aspect)  # (B, A)
     h_try = torch.sqrt(area / aspect)
@@ -93,7 +91,7 @@ def sample_crop_boxes(
     any_fit = fits.any(dim=1)
     w = torch.where(any_fit, w, torch.full_like(w, fallback_w))
     h = torch.where(any_fit, h, torch.full_like(h, fallback_h))
-    position = torch.rand((batch, 2), generator=generator, device=device)
+    position = uniforms[:, 2 * attempts : 2 * attempts + 2]
     cx = w / 2 + position[:, 0] * (1 - w)
     cy = h / 2 + position[:, 1] * (1 - h)
     return cx, cy, w, h
@@ -104,24 +102,29 @@ def sample_view_params(
 ) -> ViewParams:
     """Draw the parameters of augmented view ``view`` (0 or 1) for a batch of ``batch`` images.
 
-    ``generator`` must live on ``device`` (a CUDA generator for CUDA tensors). The number and order of
-    draws do not depend on the values drawn, so a generator state fully determines the result.
+    ``generator`` must live on ``device`` (a CUDA generator for CUDA tensors). Every number comes
+    from one (B, DRAWS_PER_SAMPLE) draw: one kernel, and a generator state fully determines the
+    result.
     """
     if view not in (0, 1):
         raise ValueError(f"view must be 0 or 1, got {view}")
     dev = torch.device(device)
-    cx, cy, w, h = sample_crop_boxes(batch, cfg.crop_scale, cfg.crop_ratio, generator, dev)
-    flip = _bernoulli(cfg.flip_prob, batch, generator, dev)
-    jitter = _bernoulli(cfg.jitter_prob, batch, generator, dev)
+    u = torch.rand((batch, DRAWS_PER_SAMPLE), generator=generator, device=dev)
+    cx, cy, w, h = crop_boxes(u[:, : 2 * CROP_ATTEMPTS + 2], cfg.crop_scale, cfg.crop_ratio)
+    (flip, jitter, brightness, contrast, saturation, hue, grayscale, blur, sigma, solarize) = u[
+        :, 2 * CROP_ATTEMPTS + 2 :
+    ].unbind(dim=1)
     # Factor ranges follow torchvision's ColorJitter: [max(0, 1 - x), 1 + x] and hue in [-hue, hue].
-    brightness = _uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness, (batch,), generator, dev)
-    contrast = _uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast, (batch,), generator, dev)
-    saturation = _uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation, (batch,), generator, dev)
-    hue = _uniform(-cfg.hue, cfg.hue, (batch,), generator, dev)
-    grayscale = _bernoulli(cfg.grayscale_prob, batch, generator, dev)
-    blur = _bernoulli(cfg.blur_prob[view], batch, generator, dev)
-    sigma = _uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], (batch,), generator, dev)
-    solarize = _bernoulli(cfg.solarize_prob[view], batch, generator, dev)
+    flip = flip < cfg.flip_prob
+    jitter = jitter < cfg.jitter_prob
+    brightness = _scaled(brightness, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
+    contrast = _scaled(contrast, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
+    saturation = _scaled(saturation, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
+    hue = _scaled(hue, -cfg.hue, cfg.hue)
+    grayscale = grayscale < cfg.grayscale_prob
+    blur = blur < cfg.blur_prob[view]
+    sigma = _scaled(sigma, cfg.blur_sigma[0], cfg.blur_sigma[1])
+    solarize = solarize < cfg.solarize_prob[view]
     return ViewParams(
         cx=cx,
         cy=cy,
@@ -204,7 +207,8 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     Closed form per channel: f(n) = V - V S clamp(min(k, 4 - k), 0, 1) with k = (n + 6 H) mod 6.
     """
     hue, sat, val = hsv.unbind(dim=1)  # (B, H, W) each
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hsv.dtype, device=hsv.device).view(1, 3, 1, 1)  # R, G, B
+    # n = 5, 3, 1 for R, G, B (from arange: no tensor copied from the host)
+    n = (5.0 - 2.0 * torch.arange(3, dtype=hsv.dtype, device=hsv.device)).view(1, 3, 1, 1)
     k = torch.remainder(n + 6.0 * hue.unsqueeze(1), 6.0)  # (B, 3, H, W)
     ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return val.unsqueeze(1) - (val * sat).unsqueeze(1) * ramp
@@ -301,7 +305,11 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 class TwoViewAugment:
-    """uint8 batches -> two independently augmented, normalised float32 views."""
+    """uint8 batches -> independently augmented, normalised float32 views.
+
+    The normalisation constants live on the training device, made once per device (no
+    copy from the host at each step).
+    """
 
     def __init__(
         self, cfg: AugmentConfig, image_size: int, mean: Sequence[float], std: Sequence[float]
@@ -310,16 +318,32 @@ class TwoViewAugment:
         self.image_size = image_size
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (3, 1, 1) float32 on ``device``."""
+        if device not in self._stats:
+            probe = torch.empty(0, device=device)
+            self._stats[device] = (_stats_tensor(self.mean, probe), _stats_tensor(self.std, probe))
+        return self._stats[device]
 
     def view(self, images: torch.Tensor, view: int, generator: torch.Generator) -> torch.Tensor:
         """One normalised view of float images in [0, 1] (B, 3, H, W) -> (B, 3, S, S) float32."""
         params = sample_view_params(images.shape[0], self.cfg, view, generator, images.device)
         x = apply_view(images, params, self.image_size)
-        return (x - _stats_tensor(self.mean, x)) / _stats_tensor(self.std, x)
+        mean, std = self.stats(x.device)
+        return (x - mean) / std
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) on the training device -> two float32 views (B, 3, S, S)."""
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, views: int = 2
+    ) -> tuple[torch.Tensor, ...]:
+        """uint8 (B, 3, H, W) on the training device -> ``views`` (1 or 2) float32 views (B, 3, S, S).
+
+        View 0 draws the same parameters whether or not view 1 follows.
+        """
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
         x = images.to(torch.float32) / 255.0
-        return self.view(x, 0, generator), self.view(x, 1, generator)
+        return tuple(self.view(x, view, generator) for view in range(views))

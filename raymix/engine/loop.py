@@ -1,24 +1,103 @@
-"""The epoch loop shared by every driver that reports to an orchestrator (Ray Train, Tune).
+"""The one epoch loop of every run: ``raymix train`` in-process, Ray Train workers, Tune trials.
 
-``train_loop`` advances a :class:`Trainer` to its last epoch and hands each epoch's metrics
-to ``report``, with the state to checkpoint on checkpoint epochs. It knows nothing about
-Ray: the caller passes how to report and where it resumed from.
+:func:`train_loop` advances a :class:`Trainer` to its last epoch. It evaluates and
+checkpoints only at the epochs a :class:`Cadence` names, and hands every epoch to
+``report`` as an :class:`EpochEnd`; the caller decides what reporting means (append to
+``metrics.jsonl`` and save files, or ``ray.train.report``). It knows nothing about Ray.
 
-Every report carries the latest evaluation: on epochs without one the previous values are
-repeated, with ``eval_epoch`` saying when they were measured, so a scheduler comparing
-trials at the same epoch always finds the metric. A checkpoint is always freshly scored.
+Every epoch's metrics carry the latest evaluation: on epochs without one the previous
+values are repeated, with ``eval_epoch`` saying when they were measured, so a scheduler
+comparing trials at the same epoch always finds the metric. :func:`fresh` drops the
+repeated values where a record should hold only measurements.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from raymix.engine.run import format_metrics
 from raymix.engine.trainer import Trainer
 
-Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+#: Keys of an evaluation's metrics (kNN and linear probe accuracies).
+EVAL_PREFIXES = ("knn_top1_k", "linear_")
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Which epochs evaluate and which checkpoint.
+
+    Evaluation: every ``eval_every`` epochs (0: none but the last), the last epoch, and the
+    ``extra`` epochs (a sweep's ASHA rungs, where trials are compared). Checkpoints: every
+    ``checkpoint_every`` epochs, the last epoch and the ``extra`` epochs.
+    """
+
+    epochs: int
+    eval_every: int
+    checkpoint_every: int
+    extra: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, trainer: Trainer, extra: Iterable[int] = ()) -> Cadence:
+        t = trainer.cfg.training
+        return cls(t.epochs, t.eval_every, t.checkpoint_every, frozenset(extra))
+
+    def evaluates(self, epoch: int) -> bool:
+        every = self.eval_every
+        return epoch == self.epochs or epoch in self.extra or bool(every and epoch % every == 0)
+
+    def checkpoints(self, epoch: int) -> bool:
+        return epoch == self.epochs or epoch in self.extra or epoch % self.checkpoint_every == 0
+
+
+@dataclass
+class EpochEnd:
+    """What one epoch hands to ``report``.
+
+    ``kind``: "initial" (rank 0's evaluation of the encoder before training, epoch 0, not a
+    trained epoch), "epoch" (a trained epoch) or "repeat" (a finished run started again:
+    its final encoder evaluated once more). ``state`` builds the state dict to save; it is
+    set on rank 0 only.
+    """
+
+    kind: Literal["initial", "epoch", "repeat"]
+    metrics: dict[str, Any]
+    evaluated: bool
+    checkpoint: bool
+    improved: bool = False
+    state: Callable[[], dict[str, Any]] | None = None
+
+
+Report = Callable[[EpochEnd], None]
+
+
+def fresh(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` without evaluation values repeated from an earlier epoch."""
+    if metrics.get("eval_epoch", metrics.get("epoch")) == metrics.get("epoch"):
+        return metrics
+    return {
+        key: value
+        for key, value in metrics.items()
+        if key not in ("knn_top1", "eval_epoch") and not key.startswith(EVAL_PREFIXES)
+    }
+
+
+def format_metrics(metrics: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {int(metrics['epoch']):>3}/{epochs}"]
+    shown = fresh(metrics)
+    for key in ("loss", "knn_top1", "linear_top1_best"):
+        if key in shown:
+            parts.append(f"{key} {shown[key]:.4f}")
+    if "epoch_seconds" in metrics:
+        parts.append(f"{metrics['epoch_seconds']:.1f} s")
+    return "  ".join(parts)
+
+
+def _summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary values that are measured (no -inf before the first evaluation)."""
+    return {key: value for key, value in run.items() if not (isinstance(value, float) and math.isinf(value))}
 
 
 def train_loop(
@@ -26,17 +105,20 @@ def train_loop(
     state: dict[str, Any] | None,
     report: Report,
     *,
+    extra: Iterable[int] = (),
     rank0: bool = True,
     before_epoch: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
-) -> None:
-    """Train from ``state`` (or from scratch) to ``training.epochs``, reporting every epoch.
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train from ``state`` (or from scratch) to ``training.epochs``; returns the last metrics.
 
-    Only rank 0 evaluates and passes a state to checkpoint; the other ranks report their
-    training metrics (every rank must call ``report`` when it is a barrier).
+    Only rank 0 evaluates and builds states to save; every rank calls ``report`` each
+    epoch (it may be a barrier). ``extra``: epochs that must evaluate and checkpoint
+    besides the config's cadence.
     """
-    cfg = trainer.cfg
-    epochs, every = cfg.training.epochs, cfg.training.eval_every
+    cadence = Cadence.of(trainer, extra)
+    epochs, linear_at_end = cadence.epochs, trainer.cfg.eval.linear_at_end
     if state is not None:
         trainer.load_state_dict(state)
         run = dict(state["run"])
@@ -45,20 +127,37 @@ def train_loop(
         initial = trainer.evaluate() if rank0 else {}
         run = {"knn_top1_init": initial.get("knn_top1", math.nan), "best_knn_top1": -math.inf}
         latest = {**initial, "eval_epoch": 0} if rank0 else {}
-    if trainer.epoch >= epochs:  # a finished run started again: report its encoder once more
-        report({**(trainer.evaluate() if rank0 else {}), "epoch": trainer.epoch, **run}, None)
-        return
+        if rank0:
+            report(EpochEnd("initial", {"epoch": 0, **initial}, evaluated=True, checkpoint=False))
+            log(format_metrics({"epoch": 0, **initial}, epochs) + "  (initialisation)")
+
+    def snapshot() -> dict[str, Any]:
+        return {**trainer.state_dict(), "run": dict(run), "latest_eval": dict(latest)}
+
+    if trainer.epoch >= epochs:  # a finished run started again: its encoder once more
+        final = trainer.evaluate(linear=linear_at_end) if rank0 else {}
+        again = {**final, "epoch": trainer.epoch, "eval_epoch": trainer.epoch, **_summary(run)}
+        report(EpochEnd("repeat", again, evaluated=rank0, checkpoint=False))
+        return again
+    metrics: dict[str, Any] = {}
     while trainer.epoch < epochs:
         if before_epoch is not None:
             before_epoch(trainer.epoch + 1)
-        metrics: dict[str, Any] = trainer.train_epoch()
-        last = trainer.epoch == epochs
-        save = last or trainer.epoch % cfg.training.checkpoint_every == 0
-        if rank0 and (save or (every and trainer.epoch % every == 0)):
-            latest = {**trainer.evaluate(linear=last and cfg.eval.linear_at_end), "eval_epoch": trainer.epoch}
+        metrics = trainer.train_epoch(progress=progress)
+        epoch = trainer.epoch
+        evaluated = rank0 and cadence.evaluates(epoch)
+        improved = False
+        if evaluated:
+            start = time.perf_counter()
+            latest = {**trainer.evaluate(linear=epoch == epochs and linear_at_end), "eval_epoch": epoch}
+            metrics["eval_seconds"] = time.perf_counter() - start
+            improved = latest["knn_top1"] > run["best_knn_top1"]
             run["best_knn_top1"] = max(run["best_knn_top1"], latest["knn_top1"])
-        metrics = {**latest, **metrics, **run}
+        metrics = {**latest, **metrics, **_summary(run)}
         if rank0:
             log(format_metrics(metrics, epochs))
-        checkpoint = {**trainer.state_dict(), "run": run, "latest_eval": latest} if save and rank0 else None
-        report(metrics, checkpoint)
+        end = EpochEnd(
+            "epoch", metrics, evaluated, cadence.checkpoints(epoch), improved, snapshot if rank0 else None
+        )
+        report(end)
+    return metrics

@@ -26,6 +26,7 @@ from raymix.engine.checkpoint import (
     save_checkpoint,
     storage_error,
 )
+from raymix.engine.loop import EpochEnd, fresh, train_loop
 from raymix.engine.trainer import Trainer
 
 # Keys that may change between a run and its resumption: they do not alter the trajectory.
@@ -36,6 +37,8 @@ RESUMABLE_CHANGES = (
     "training.keep_checkpoints",
     "training.compile",
     "training.channels_last",
+    "training.tf32",
+    "scaling.sync_batchnorm",
     "eval.",
     "tracking.",
     "debug.",
@@ -124,14 +127,25 @@ def replace_text(path: Path, text: str) -> None:
         raise storage_error(exc, path) from None
 
 
-def format_metrics(metrics: dict[str, float], epochs: int) -> str:
-    parts = [f"epoch {int(metrics['epoch']):>3}/{epochs}"]
-    for key in ("loss", "knn_top1", "linear_top1_best"):
-        if key in metrics:
-            parts.append(f"{key} {metrics[key]:.4f}")
-    if "epoch_seconds" in metrics:
-        parts.append(f"{metrics['epoch_seconds']:.1f} s")
-    return "  ".join(parts)
+class LocalReport:
+    """What a run in-process makes of each epoch: a line of ``metrics.jsonl`` (measured values
+    only), ``last.pt`` on checkpoint epochs and ``best.pt`` when ``knn_top1`` improves."""
+
+    def __init__(self, out: Path) -> None:
+        self.history = out / "metrics.jsonl"
+        self.checkpoints = out / "checkpoints"
+
+    def __call__(self, end: EpochEnd) -> None:
+        if end.kind == "repeat":
+            return
+        write_text(self.history, json.dumps(fresh(end.metrics)) + "\n", mode="a")
+        if end.state is None or not (end.checkpoint or end.improved):
+            return
+        state = end.state()
+        if end.checkpoint:
+            save_checkpoint(state, self.checkpoints / "last.pt")
+        if end.improved:
+            save_checkpoint(state, self.checkpoints / "best.pt")
 
 
 def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
@@ -144,46 +158,19 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = Tru
     state = resume_state(cfg)
     out = cfg.output_dir
     check_writable(out, "training.output_dir")
-    ckpt_dir, history = out / "checkpoints", out / "metrics.jsonl"
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    epochs = cfg.training.epochs
-
+    report = LocalReport(out)
     if state is not None:
-        trainer.load_state_dict(state)
-        run = dict(state["run"])
-        kept = read_history(history, trainer.epoch)
-        replace_text(history, "".join(line + "\n" for line in kept))
-        log(f"resuming {out} after epoch {trainer.epoch}")
+        kept = read_history(report.history, int(state["epoch"]))
+        replace_text(report.history, "".join(line + "\n" for line in kept))
+        log(f"resuming {out} after epoch {int(state['epoch'])}")
     else:
-        initial = {"epoch": 0, **trainer.evaluate()}
-        run = {"knn_top1_init": initial["knn_top1"], "best_knn_top1": float("-inf")}
-        write_text(history, json.dumps(initial) + "\n")
-        log(format_metrics(initial, epochs) + "  (initialisation)")
-
-    metrics: dict[str, Any] = {"epoch": trainer.epoch}
-    while trainer.epoch < epochs:
-        try:
-            metrics = trainer.train_epoch(progress=progress and cfg.training.progress)
-        except FloatingPointError as exc:
-            saved = ckpt_dir / "last.pt"
-            where = (
-                f"the last checkpoint is kept in {saved}" if saved.exists() else "no checkpoint was written"
-            )
-            raise RunFailedError(f"{exc}; {where}") from exc
-        last = trainer.epoch == epochs
-        every = cfg.training.eval_every
-        if last or (every and trainer.epoch % every == 0):
-            metrics.update(trainer.evaluate(linear=last and cfg.eval.linear_at_end))
-        write_text(history, json.dumps(metrics) + "\n", mode="a")
-        log(format_metrics(metrics, epochs))
-        improved = metrics.get("knn_top1", float("-inf")) > run["best_knn_top1"]
-        if improved:
-            run["best_knn_top1"] = metrics["knn_top1"]
-        state = {**trainer.state_dict(), "run": run}
-        if last or trainer.epoch % cfg.training.checkpoint_every == 0:
-            save_checkpoint(state, ckpt_dir / "last.pt")
-        if improved:
-            save_checkpoint(state, ckpt_dir / "best.pt")
-    if "knn_top1" not in metrics:  # resumed a finished run: report its encoder again
-        metrics.update(trainer.evaluate(linear=cfg.eval.linear_at_end))
-    return {**metrics, **run, "output_dir": str(out), "best_checkpoint": str(ckpt_dir / "best.pt")}
+        replace_text(report.history, "")
+    try:
+        metrics = train_loop(trainer, state, report, log=log, progress=progress and cfg.training.progress)
+    except FloatingPointError as exc:
+        saved = report.checkpoints / "last.pt"
+        where = f"the last checkpoint is kept in {saved}" if saved.exists() else "no checkpoint was written"
+        raise RunFailedError(f"{exc}; {where}") from exc
+    best = report.checkpoints / "best.pt"
+    return {**metrics, "output_dir": str(out), "best_checkpoint": str(best)}

@@ -8,6 +8,7 @@ object on each worker. ``training.batch_size`` is the global batch; each of the
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +44,18 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def configure_gpu(device: torch.device, tf32: bool) -> None:
+    """What every fast trainer sets on a GPU: cuDNN picks its fastest convolution for the
+    (fixed) shapes, and float32 matmuls and convolutions run on TF32 tensor cores (with
+    ``tf32``). Process-wide settings; nothing changes on other devices."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision  # type: ignore[attr-defined]
+
+
 class Trainer:
     """Holds everything a run needs; ``train_epoch`` and ``evaluate`` advance and measure it.
 
@@ -56,6 +69,7 @@ class Trainer:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = device or resolve_device(cfg.training.device)
         self.amp_dtype = resolve_precision(cfg.training.precision, self.device)
+        configure_gpu(self.device, cfg.training.tf32)
         seed = cfg.training.seed
 
         self.train_data, self.test_data = build_datasets(cfg.data)
@@ -73,7 +87,7 @@ class Trainer:
         self.method.check_data(len(self.train_loader) * local_batch, self.train_data.num_classes)
         self.channels_last = cfg.training.channels_last
         if world_size > 1:
-            convert_batchnorm(self.method, self.device)
+            convert_batchnorm(self.method, self.device, cfg.scaling.sync_batchnorm)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         if cfg.training.compile:
@@ -95,9 +109,8 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def compile(self) -> None:
-        """torch.compile the method's encoders in place (parameter names, and so checkpoints, unchanged)."""
-        for module in self.method.compile_targets():
-            module.compile()
+        """torch.compile the method's encoders, heads and loss (checkpoint names unchanged)."""
+        self.method.compile_step()
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -111,8 +124,9 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch of uint8 images; returns detached logs (no host sync)."""
         self.schedules.apply(self.optimizer, self.step)
-        view1, view2 = self.augment(images, self.generator)  # (B, 3, S, S) each
-        view1, view2 = self.layout(view1), self.layout(view2)
+        views = self.augment(images, self.generator, views=self.method.num_views)  # (B, 3, S, S) each
+        view1 = self.layout(views[0])
+        view2 = self.layout(views[1]) if len(views) > 1 else None
         with self.autocast():
             loss, logs = self.model(view1, view2, labels if self.method.uses_labels else None)
         self.optimizer.zero_grad(set_to_none=True)
@@ -142,13 +156,16 @@ class Trainer:
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0) + value.float()
                 counts[key] = counts.get(key, 0) + 1
-            if progress and (i % 10 == 0):
-                bar.set_postfix(loss=f"{logs['loss'].item():.4f}")  # a sync, only for display
+            if not bar.disable and i % 10 == 0:  # a sync, only while a bar is shown
+                bar.set_postfix(loss=f"{logs['loss'].item():.4f}")
         self.epoch += 1
+        names = list(sums)
+        # One all-reduce and one read back to the host for the whole epoch.
+        totals = dist.all_reduce_mean(torch.stack([sums[key] for key in names])).tolist() if names else []
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        metrics = {key: float(dist.all_reduce_mean(total)) / counts[key] for key, total in sums.items()}
-        if not torch.isfinite(torch.tensor(metrics.get("loss", 0.0))):
+        metrics = {key: total / counts[key] for key, total in zip(names, totals, strict=True)}
+        if not math.isfinite(metrics.get("loss", 0.0)):
             raise FloatingPointError(f"loss is not finite ({metrics.get('loss')}) in epoch {self.epoch}")
         metrics["lr"] = self.schedules.lr(self.step - 1)  # the rate of the epoch's last step
         metrics["epoch"] = self.epoch

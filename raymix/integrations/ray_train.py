@@ -31,7 +31,7 @@ from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, 
 
 from raymix.config import Config, ConfigError, config_from_dict
 from raymix.engine.checkpoint import check_writable, first_missing, load_checkpoint, save_checkpoint
-from raymix.engine.loop import train_loop
+from raymix.engine.loop import EpochEnd, train_loop
 from raymix.engine.run import RunFailedError
 from raymix.engine.trainer import Trainer
 from raymix.integrations.cluster import check_shared_storage, init_ray, storage_key, storage_override
@@ -71,21 +71,28 @@ def write_checkpoint(state: dict[str, Any], metrics: dict[str, Any], folder: str
     (Path(folder) / METRICS_FILE).write_text(json.dumps(metrics, default=float))
 
 
-def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
-    if state is None:
-        ray.train.report(metrics)
+def _report(end: EpochEnd) -> None:
+    """Every rank reports each trained epoch (a barrier); rank 0 attaches the checkpoint."""
+    if end.kind == "initial":
         return
+    if not (end.checkpoint and end.state is not None):
+        ray.train.report(end.metrics)
+        return
+    state = end.state()
     with tempfile.TemporaryDirectory() as folder:
-        write_checkpoint(state, metrics, folder)
+        write_checkpoint(state, end.metrics, folder)
         checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{state['epoch']:04d}"
+            end.metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{state['epoch']:04d}"
         )
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    """One worker: rebuild the config, restore the latest checkpoint, train, report every epoch."""
+    """One worker: rebuild the config, restore the latest checkpoint, train, report every epoch.
+
+    ``loop_config["extra_epochs"]``: epochs that evaluate and checkpoint besides the
+    config's cadence (a sweep's ASHA rungs).
+    """
     cfg = config_from_dict(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     trainer = Trainer(cfg, device=ray.train.torch.get_device())
@@ -93,6 +100,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         trainer,
         _restore(trainer.device),
         _report,
+        extra=loop_config.get("extra_epochs", ()),
         rank0=rank0,
         before_epoch=lambda epoch: _maybe_fail(cfg, epoch, loop_config["run_dir"]),
     )
@@ -122,15 +130,22 @@ def build_trainer(
     *,
     callbacks: Sequence[Any] = (),
     score: tuple[str, str] = ("knn_top1", "max"),
+    extra_epochs: Sequence[int] = (),
 ) -> TorchTrainer:
-    """The ``TorchTrainer`` of one run; ``score`` ranks the checkpoints Ray keeps."""
+    """The ``TorchTrainer`` of one run; ``score`` ranks the checkpoints Ray keeps (by the
+    latest evaluation each reports); ``extra_epochs`` evaluate and checkpoint besides the
+    config's cadence."""
     scaling = cfg.scaling
     resources: dict[str, float] = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1.0  # one whole GPU per worker: NCCL refuses two workers on one device
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(Path(storage_path) / name)},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_dir": str(Path(storage_path) / name),
+            "extra_epochs": sorted(extra_epochs),
+        },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources

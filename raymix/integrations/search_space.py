@@ -25,9 +25,11 @@ key. Sampling (:func:`sample`) talks to any object with Optuna's ``suggest_*`` m
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from raymix.config import (
@@ -98,6 +100,21 @@ class Scheduler(Section):
     max_t: int | None = Field(
         None, ge=1, le=MAX_EPOCHS, description="null: the base config's training.epochs"
     )
+
+    def rungs(self, epochs: int) -> list[int]:
+        """The epochs where this scheduler compares or stops trials of ``epochs`` epochs.
+
+        ASHA (one bracket, as Ray's ``ASHAScheduler``) has rungs at ``grace_period * rf**k``
+        below ``max_t``, acted on at the first reported epoch at or past each; trials stop
+        at ``max_t``. Trials evaluate and checkpoint there, so no decision uses a stale value.
+        """
+        if self.type != "asha":
+            return []
+        max_t = self.max_t or epochs
+        count = int(np.log(max_t / self.grace_period) / np.log(self.reduction_factor) + 1)
+        marks = {math.ceil(self.grace_period * self.reduction_factor**k) for k in range(count)}
+        last = min(max_t, epochs)
+        return sorted(e for e in marks | {last} if e <= last)
 
 
 class Searcher(Section):

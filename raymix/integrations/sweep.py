@@ -38,7 +38,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raymix.config import Config, ConfigError, check_name
 from raymix.engine.checkpoint import first_missing, load_checkpoint
-from raymix.engine.loop import train_loop
+from raymix.engine.loop import EpochEnd, train_loop
 from raymix.engine.run import config_changes
 from raymix.engine.trainer import Trainer
 from raymix.integrations import cluster, leaderboard, ray_train, tracking
@@ -108,13 +108,15 @@ def prepare(
 # ---------------------------------------------------------------- the trials
 
 
-def _tune_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-    if state is None:
-        ray.tune.report(metrics)
+def _tune_report(end: EpochEnd) -> None:
+    if end.kind == "initial":
+        return
+    if not (end.checkpoint and end.state is not None):
+        ray.tune.report(end.metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        ray_train.write_checkpoint(state, metrics, folder)
-        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+        ray_train.write_checkpoint(end.state(), end.metrics, folder)
+        ray.tune.report(end.metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
 
 
 def trial_in_process(point: dict[str, Any], *, space: dict[str, Any], base: dict[str, Any]) -> None:
@@ -128,7 +130,14 @@ def trial_in_process(point: dict[str, Any], *, space: dict[str, Any], base: dict
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / ray_train.STATE_FILE, map_location=trainer.device)
     trial_id = ray.tune.get_context().get_trial_id()
-    train_loop(trainer, state, _tune_report, log=lambda line: print(f"[{trial_id}] {line}", flush=True))
+    rungs = SearchSpace.model_validate(space).scheduler.rungs(cfg.training.epochs)
+    train_loop(
+        trainer,
+        state,
+        _tune_report,
+        extra=rungs,
+        log=lambda line: print(f"[{trial_id}] {line}", flush=True),
+    )
 
 
 def trial_with_train(
@@ -147,6 +156,7 @@ def trial_with_train(
         ray.tune.get_context().get_trial_id(),
         callbacks=[TuneReportCallback()],
         score=(sp.metric, sp.mode),
+        extra_epochs=sp.scheduler.rungs(cfg.training.epochs),
     )
     try:
         trainer.fit()

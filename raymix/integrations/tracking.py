@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from raymix.config import ConfigError, TrackingConfig
+from raymix.engine.loop import fresh
 from raymix.engine.run import flatten
 from raymix.integrations.cluster import redact_uri
 from raymix.integrations.leaderboard import Board, file_system, trial_error
@@ -395,7 +396,7 @@ class TrialRecorder(Callback):
         now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), now, epoch)
-            for key, value in result.items()
+            for key, value in fresh(result).items()
             if key not in TUNE_KEYS and isinstance(value, int | float) and not isinstance(value, bool)
             and not (isinstance(value, float) and math.isinf(value))
         ]  # fmt: skip

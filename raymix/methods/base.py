@@ -9,12 +9,17 @@ past clean keys adds negatives.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raymix import dist
 from raymix.config import Config, ContrastConfig
+from raymix.losses import info_nce
 from raymix.models import build_backbone, ema_update, feature_dim, mlp, momentum_copy
 from raymix.schedules import momentum_schedule
 
@@ -33,6 +38,9 @@ class Method(nn.Module):
     #: Whether the trainer passes class labels to ``forward`` (only supervised methods).
     uses_labels = False
 
+    #: Augmented views per image the step uses (1: ``forward`` gets ``view2=None``).
+    num_views = 2
+
     def check_data(self, train_images_per_worker: int, num_classes: int) -> None:
         """Refuse (ConfigError) a config that does not suit the training data."""
 
@@ -47,6 +55,17 @@ class Method(nn.Module):
     def compile_targets(self) -> list[nn.Module]:
         """Modules whose forward the step calls and ``training.compile`` compiles in place."""
         return [self.backbone]
+
+    #: The method's loss function (its forward calls ``self.loss``), compiled with the modules.
+    loss: Callable[..., torch.Tensor]
+
+    def compile_step(self) -> None:
+        """``training.compile``: compile every module of :meth:`compile_targets` in place
+        (parameter names, and so checkpoints, unchanged) and the loss function."""
+        for module in self.compile_targets():
+            module.compile()
+        if getattr(self, "loss", None) is not None:
+            self.loss = torch.compile(self.loss)
 
     def offset(self, local_batch: int) -> int:
         """Row of this rank's first sample among rows gathered from every worker."""
@@ -75,6 +94,7 @@ class ContrastiveMethod(Method):
         self.projector = mlp(feature_dim(self.backbone), head.hidden_dim, head.out_dim, head.projector_layers)
         self.predictor = mlp(head.out_dim, head.hidden_dim, head.out_dim, head.predictor_layers)
         self.temperature = method.temperature
+        self.loss = info_nce
         self.base_momentum = method.momentum
         self.momentum_schedule = method.momentum_schedule
         # Shuffle BN (He et al. 2020, section 3.3) on one worker for a ResNet's keys.
@@ -114,13 +134,29 @@ class ContrastiveMethod(Method):
         keys = torch.cat([self._encode_keys(chunk) for chunk in x[order].tensor_split(groups)])
         return torch.empty_like(keys).index_copy_(0, order, keys)
 
+    def key_from(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The key of view ``x`` whose online projection ``z`` the step already computed.
+
+        Without a momentum encoder the key branch is the online network under no_grad: its
+        output on the same batch, with the same BatchNorm statistics, is ``z`` itself, so it
+        is reused instead of a second forward pass. Shuffle BN on one worker normalises the
+        keys over other groups, so those are computed.
+        """
+        if self.key_backbone is None and (
+            self.key_bn_groups == 1 or not self.training or dist.is_distributed()
+        ):
+            return z.detach()
+        return self.keys(x)
+
     def _encode_keys(self, x: torch.Tensor) -> torch.Tensor:
         if self.key_backbone is None or self.key_projector is None:
             return self.projector(self.backbone(x)).detach()
         return self.key_projector(self.key_backbone(x))
 
     def compile_targets(self) -> list[nn.Module]:
-        return [m for m in (self.backbone, self.key_backbone) if m is not None]
+        """The encoders and their heads, online and key."""
+        modules = (self.backbone, self.projector, self.predictor, self.key_backbone, self.key_projector)
+        return [m for m in modules if m is not None]
 
     def eval_backbone(self) -> nn.Module:
         """The encoder evaluated by kNN and the linear probe: the key encoder when there is one."""
@@ -166,22 +202,41 @@ def fifo_write(buffer: torch.Tensor, pointer: torch.Tensor, rows: torch.Tensor) 
 
 
 def mix_seed(seed: int, step: int) -> int:
-    """The seed of step ``step``'s mixing generator: equal on every worker, new every step."""
+    """The seed of step ``step``'s mixing draws: equal on every worker, new every step."""
     return (seed * 1_000_003 + step) % 2**63
+
+
+class StepDraws(NamedTuple):
+    """A training step's mixing randomness, seeded by (training.seed, step).
+
+    ``host``: the numbers that decide the step's shape on the host (whether to mix, the
+    mode, lambda, a box), drawn in Python so nothing waits for the device. ``device``: a
+    generator on the images' device for tensors of random numbers (a permutation).
+    """
+
+    host: random.Random
+    device: torch.Generator
+
+
+def step_draws(seed: int, step: int, device: torch.device | str = "cpu") -> StepDraws:
+    """Fresh :class:`StepDraws` of (seed, step), the device generator on ``device``."""
+    value = mix_seed(seed, step)
+    return StepDraws(random.Random(value), torch.Generator(device).manual_seed(value))
 
 
 class MixingMethod(ContrastiveMethod):
     """A method that mixes images with randomness shared by every worker.
 
-    :meth:`step_generator` gives each training step a CPU generator seeded by
-    (training.seed, step), so workers draw the same mixing and a resumed run draws what an
-    uninterrupted one would: the step counter is saved in the state dict.
+    :meth:`step_draws` gives each training step the :class:`StepDraws` of (training.seed,
+    step), so workers draw the same mixing and a resumed run draws what an uninterrupted
+    one would: the step counter is saved in the state dict.
     """
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.seed = cfg.training.seed
         self.mix_step = 0  # training forwards so far
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def get_extra_state(self) -> dict[str, int]:
         return {"mix_step": self.mix_step}
@@ -189,9 +244,15 @@ class MixingMethod(ContrastiveMethod):
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.mix_step = int(state["mix_step"])
 
-    def step_generator(self) -> torch.Generator:
-        """This step's generator; the step advances in training mode only."""
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.mix_step))
+    def step_draws(self, device: torch.device) -> StepDraws:
+        """This step's draws (as :func:`step_draws`); the step advances in training mode only.
+
+        The device generator is made once per device and reseeded each step (on the host:
+        no device work).
+        """
+        value = mix_seed(self.seed, self.mix_step)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device)
         if self.training:
             self.mix_step += 1
-        return generator
+        return StepDraws(random.Random(value), self._generators[device].manual_seed(value))

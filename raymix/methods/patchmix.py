@@ -29,8 +29,8 @@ def patch_mix(
 
     images: (B, C, H, W). Returns ``mixed`` (B, C, H, W) and ``source`` (B, H/p, W/p), the
     batch index of the image each patch of each mixed image came from. ``generator``
-    draws the permutation (a CPU generator; the permutation is moved to the images'
-    device).
+    draws the permutation, best on the images' device (a generator elsewhere draws there
+    and the permutation is copied over).
     """
     batch, channels, height, width = images.shape
     if not 2 <= num_mix <= batch:
@@ -39,11 +39,14 @@ def patch_mix(
         raise ValueError(f"patch_size={patch_size} does not divide the {height}x{width} images")
     rows, cols = height // patch_size, width // patch_size
     positions = rows * cols
-    order = torch.randperm(positions, generator=generator).to(images.device)
+    where = images.device if generator is None else generator.device
+    order = torch.randperm(positions, generator=generator, device=where).to(images.device)
     group = positions // num_mix
     shift = torch.zeros(positions, dtype=torch.long, device=images.device)  # j of each position
-    for j in range(1, num_mix):
-        shift[order[j * group : (j + 1) * group]] = j
+    # Positions order[j * group : (j + 1) * group] take j, for j = 1 .. num_mix - 1.
+    shift[order[group : num_mix * group]] = (
+        torch.arange(group, num_mix * group, device=images.device) // group
+    )
     index = torch.arange(batch, device=images.device)
     source = (index[:, None] + shift[None, :]) % batch  # (B, T)
 
@@ -108,6 +111,7 @@ class PatchMix(MixingMethod):
         self.smoothing_oo = method.smoothing_oo
         self.smoothing_mixed = method.smoothing_mixed
         self.patch_size = method.mix_patch_size or cfg.backbone.patch_size
+        self.loss = soft_contrast
         self._targets: dict[tuple[int, int, int, str], tuple[torch.Tensor, ...]] = {}
 
     # -- mixing and targets
@@ -116,11 +120,11 @@ class PatchMix(MixingMethod):
         self, view1: torch.Tensor, view2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This step's (mix1, mix2), or None when the step does not mix (probability 1 - mix_prob)."""
-        generator = self.step_generator()
-        if torch.rand((), generator=generator).item() >= self.mix_prob:
+        draws = self.step_draws(view1.device)
+        if draws.host.random() >= self.mix_prob:
             return None
-        mix1, _ = patch_mix(view1, self.num_mix, self.patch_size, generator)
-        mix2, _ = patch_mix(view2, self.num_mix, self.patch_size, generator)
+        mix1, _ = patch_mix(view1, self.num_mix, self.patch_size, draws.device)
+        mix2, _ = patch_mix(view2, self.num_mix, self.patch_size, draws.device)
         return mix1, mix2
 
     def targets(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,17 +163,16 @@ class PatchMix(MixingMethod):
         tau = self.temperature
         z1, p1 = self.online(view1)
         k2 = dist.gather_no_grad(self.keys(view2))
-        loss_oo = soft_contrast(p1, k2, y_oo, tau)
+        loss_oo = self.loss(p1, k2, y_oo, tau)
         logs = {"loss/orig_orig": loss_oo.detach()}
         if mixes is None:
             return loss_oo, logs
         mix1, mix2 = mixes
-        k1 = z1.detach() if self.key_backbone is None else self.keys(view1)
-        k1 = dist.gather_no_grad(k1)
+        k1 = dist.gather_no_grad(self.key_from(view1, z1))
         k_mix = dist.gather_no_grad(self.keys(mix1))
         _, p_mix = self.online(mix2)
-        loss_mo = soft_contrast(p_mix, k1, y_mo, tau)
-        loss_mm = soft_contrast(p_mix, k_mix, y_mm, tau)
+        loss_mo = self.loss(p_mix, k1, y_mo, tau)
+        loss_mm = self.loss(p_mix, k_mix, y_mm, tau)
         logs["loss/mixed_orig"] = loss_mo.detach()
         logs["loss/mixed_mixed"] = loss_mm.detach()
         return loss_oo + self.mixed_weight * (loss_mo + loss_mm), logs

@@ -33,12 +33,15 @@ class SelfCon(Method):
     loss contrasts the global batch; each worker averages over its own anchors.
     """
 
+    num_views = 1
+
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         method = cfg.method
         assert isinstance(method, SelfconConfig)
         self.uses_labels = method.use_labels
         self.temperature: float = method.temperature
+        self.loss = supcon_loss
         self.backbone = build_backbone(cfg.backbone, cfg.data.image_size)
         self.multi: MultiExit = MultiExit(self.backbone, exit_flags(cfg), method.exit_size)
         width = feature_dim(self.backbone)
@@ -54,8 +57,8 @@ class SelfCon(Method):
             )
 
     def compile_targets(self) -> list[nn.Module]:
-        """The trunk with its exits (training) and the backbone (evaluation)."""
-        return [self.multi, self.backbone]
+        """The trunk with its exits and the heads (training), and the backbone (evaluation)."""
+        return [self.multi, self.backbone, *self.heads]
 
     def probe_encoders(self) -> dict[str, nn.Module]:
         """The backbone, then each exit's sub-network ('exit2': after the second stage)."""
@@ -65,9 +68,9 @@ class SelfCon(Method):
         return encoders
 
     def forward(
-        self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
+        self, view1: torch.Tensor, view2: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """SupCon over the outputs of view 1 (single view; view 2 is not used)."""
+        """SupCon over the outputs of view 1 (single view: the trainer augments no second one)."""
         outputs = self.multi(view1)
         features = torch.stack([h(z) for h, z in zip(self.heads, outputs, strict=True)], dim=1)  # (B, V, D)
         batch = features.shape[0]
@@ -79,5 +82,5 @@ class SelfCon(Method):
             gathered_labels = dist.gather_no_grad(labels)
         offset = self.offset(batch)
         anchors = slice(offset, offset + batch)
-        loss = supcon_loss(gathered, gathered_labels, self.temperature, anchors=anchors)
+        loss = self.loss(gathered, gathered_labels, self.temperature, anchors=anchors)
         return loss, {"loss/supcon": loss.detach()}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from raymix import dist
 from raymix.config import Config, ConfigError, SnclrConfig
-from raymix.losses import soft_cross_entropy
+from raymix.losses import fp32, soft_cross_entropy
 from raymix.methods.base import ContrastiveMethod, fifo_write
 
 #: Bank rows compared with the keys at once: bounds the (B, chunk) similarity block.
@@ -27,6 +27,11 @@ def bank_topk(keys: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int = 
     """
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k={k} must be between 1 and the bank size {bank.shape[0]}")
+    with fp32(keys):
+        return _bank_topk(keys, bank, k, chunk_size)
+
+
+def _bank_topk(keys: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
     q = F.normalize(keys.float(), dim=1)
     best_sims = torch.empty(q.shape[0], 0, device=q.device)
     best_index = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
@@ -46,9 +51,10 @@ def soft_neighbor_weights(anchor: torch.Tensor, neighbors: torch.Tensor) -> torc
 
     anchor: (B, D); neighbors: (B, K, D); returns (B, K), rows summing to one.
     """
-    a = F.normalize(anchor.float(), dim=-1)
-    n = F.normalize(neighbors.float(), dim=-1)
-    return torch.softmax(torch.einsum("bd,bkd->bk", a, n), dim=1)
+    with fp32(anchor):
+        a = F.normalize(anchor.float(), dim=-1)
+        n = F.normalize(neighbors.float(), dim=-1)
+        return torch.softmax(torch.einsum("bd,bkd->bk", a, n), dim=1)
 
 
 def candidates_of(key: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
@@ -90,10 +96,11 @@ def snclr_loss(
     """
     if candidates is None:
         candidates = candidates_of(key, neighbors)
-    q = F.normalize(query.float(), dim=1)
-    c = F.normalize(candidates.float(), dim=1)
-    targets = snclr_targets(weights.float(), offset, c.shape[0])
-    return 2.0 * temperature * soft_cross_entropy(q @ c.T / temperature, targets)
+    with fp32(query):
+        q = F.normalize(query.float(), dim=1)
+        c = F.normalize(candidates.float(), dim=1)
+        targets = snclr_targets(weights.float(), offset, c.shape[0])
+        return 2.0 * temperature * soft_cross_entropy(q @ c.T / temperature, targets)
 
 
 def weight_entropy(weights: torch.Tensor) -> torch.Tensor:
@@ -121,6 +128,7 @@ class SNCLR(ContrastiveMethod):
         self.weighting = method.weighting
         self.threshold = method.threshold
         self.detach_weights = method.detach_weights
+        self.loss = snclr_loss
         bank = F.normalize(torch.randn(method.bank_size, cfg.head.out_dim), dim=1)
         self.register_buffer("bank", bank)
         self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
@@ -156,7 +164,7 @@ class SNCLR(ContrastiveMethod):
             return torch.full((batch, k), 1.0 / k, device=neighbors.device)
         weights = soft_neighbor_weights(anchor.detach() if self.detach_weights else anchor, neighbors)
         if self.weighting == "hard":  # all the mass on the neighbour closest to the anchor
-            return F.one_hot(weights.argmax(dim=1), k).to(weights.dtype)
+            return torch.zeros_like(weights).scatter_(1, weights.argmax(dim=1, keepdim=True), 1.0)
         if self.threshold:
             weights = weights * (weights >= 1.0 / k)
         return weights
@@ -169,7 +177,7 @@ class SNCLR(ContrastiveMethod):
         weights = self.weights(z, neighbors)
         candidates = dist.gather_no_grad(candidates_of(key, neighbors))
         offset = self.offset(p.shape[0])
-        loss = snclr_loss(p, key, neighbors, weights, self.temperature, candidates=candidates, offset=offset)
+        loss = self.loss(p, key, neighbors, weights, self.temperature, candidates=candidates, offset=offset)
         return loss, weight_entropy(weights.detach())
 
     def forward(
@@ -177,7 +185,7 @@ class SNCLR(ContrastiveMethod):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z1, p1 = self.online(view1)
         z2, p2 = self.online(view2)
-        k1, k2 = self.keys(view1), self.keys(view2)
+        k1, k2 = self.key_from(view1, z1), self.key_from(view2, z2)
         loss_12, entropy_12 = self.direction(z1, p1, k2)
         loss_21, entropy_21 = self.direction(z2, p2, k1)
         self.enqueue_bank(k2)

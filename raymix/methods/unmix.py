@@ -16,47 +16,37 @@ import torch
 
 from raymix import dist
 from raymix.config import Config, UnmixConfig
-from raymix.losses import info_nce
 from raymix.methods.base import MixingMethod
 
 Mode = Literal["global", "region"]
 
 
-def sample_unmix(
-    beta: float, prob_global: float, generator: torch.Generator | None = None
-) -> tuple[Mode, float]:
+def sample_unmix(beta: float, prob_global: float, rng: random.Random) -> tuple[Mode, float]:
     """One step's (mode, lambda): r ~ U(0, 1) picks "global" when r < prob_global, else
-    "region"; lambda ~ Beta(beta, beta), one value for the whole batch.
-
-    Both draws derive from ``generator`` (a CPU generator): r directly, lambda through a
-    stdlib ``random.Random`` seeded from it (torch's Beta takes no generator).
-    """
-    r = torch.rand((), generator=generator).item()
-    seed = int(torch.randint(0, 2**62, (), generator=generator))
-    lam = random.Random(seed).betavariate(beta, beta)
+    "region"; lambda ~ Beta(beta, beta), one value for the whole batch. Drawn on the host
+    from ``rng`` (the step's :class:`~raymix.methods.base.StepDraws` ``host``)."""
+    r = rng.random()
+    lam = rng.betavariate(beta, beta)
     return ("global" if r < prob_global else "region"), lam
 
 
-def region_box(
-    height: int, width: int, lam: float, generator: torch.Generator | None = None
-) -> tuple[int, int, int, int]:
+def region_box(height: int, width: int, lam: float, rng: random.Random) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of a box with sides ``sqrt(1 - lam)`` of the image's
     (floored to whole pixels), centred on a uniformly drawn pixel, clipped to the image."""
     ratio = math.sqrt(1.0 - lam)
     box_h, box_w = int(height * ratio), int(width * ratio)
-    cy = int(torch.randint(0, height, (), generator=generator))
-    cx = int(torch.randint(0, width, (), generator=generator))
+    cy, cx = rng.randrange(height), rng.randrange(width)
     top, left = cy - box_h // 2, cx - box_w // 2
     return max(top, 0), min(top + box_h, height), max(left, 0), min(left + box_w, width)
 
 
 def unmix_images(
-    images: torch.Tensor, lam: float, mode: Mode, generator: torch.Generator | None = None
+    images: torch.Tensor, lam: float, mode: Mode, rng: random.Random | None = None
 ) -> tuple[torch.Tensor, float]:
     """Mix each image with its partner in the reversed batch (image i with image B - 1 - i).
 
     "global": ``lam * x + (1 - lam) * x.flip(0)``, and lambda is returned as given.
-    "region": x with the box of :func:`region_box` (drawn from ``generator``) filled from
+    "region": x with the box of :func:`region_box` (drawn from ``rng``) filled from
     ``x.flip(0)``; the returned lambda is the share of x left, ``1 - box area / image area``.
     images: (B, C, H, W); returns the mixed batch of the same shape and the effective lambda.
     """
@@ -68,7 +58,7 @@ def unmix_images(
     if mode != "region":
         raise ValueError(f"mode={mode!r}; allowed: 'global', 'region'")
     height, width = images.shape[-2:]
-    top, bottom, left, right = region_box(height, width, lam, generator)
+    top, bottom, left, right = region_box(height, width, lam, rng or random.Random())
     mixed = images.clone()
     mixed[..., top:bottom, left:right] = reversed_batch[..., top:bottom, left:right]
     return mixed, 1.0 - (bottom - top) * (right - left) / (height * width)
@@ -96,12 +86,13 @@ class UnMix(MixingMethod):
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        generator = self.step_generator()
-        mode, lam = sample_unmix(self.beta, self.prob_global, generator)
-        mixed, lam = unmix_images(view1, lam, mode, generator)
+        rng = self.step_draws(view1.device).host
+        mode, lam = sample_unmix(self.beta, self.prob_global, rng)
+        mixed, lam = unmix_images(view1, lam, mode, rng)
         loss, logs = self.contrast(view1, view2, mixed, lam)
-        logs["unmix/lambda"] = torch.tensor(lam, device=view1.device)
-        logs["unmix/global"] = torch.tensor(float(mode == "global"), device=view1.device)
+        # Filled on the device from host numbers: no copy, no sync.
+        logs["unmix/lambda"] = view1.new_full((), lam, dtype=torch.float32)
+        logs["unmix/global"] = view1.new_full((), float(mode == "global"), dtype=torch.float32)
         return loss, logs
 
     def contrast(
@@ -118,20 +109,22 @@ class UnMix(MixingMethod):
         the swapped mixture's queries are ``q_mix[partner]``.
         """
         offset, negatives, tau = self.offset(view1.shape[0]), self.negatives(), self.temperature
-        _, q1 = self.online(view1)
+        z1, q1 = self.online(view1)
         _, q_mix = self.online(mixed)
         q_flip = q_mix.flip(0) if partner is None else q_mix[partner]
-        k2 = dist.gather_no_grad(self.keys(view2))
-        pairs, clean_keys = [(q1, k2)], [k2]
         if self.symmetric:
-            k1 = dist.gather_no_grad(self.keys(view1))
-            pairs.append((self.online(view2)[1], k1))
-            clean_keys = [k1, k2]  # the order MoCo enqueues them in
+            z2, q2 = self.online(view2)
+            k2 = dist.gather_no_grad(self.key_from(view2, z2))
+            k1 = dist.gather_no_grad(self.key_from(view1, z1))
+            pairs, clean_keys = [(q1, k2), (q2, k1)], [k1, k2]  # the order MoCo enqueues them in
+        else:
+            k2 = dist.gather_no_grad(self.keys(view2))
+            pairs, clean_keys = [(q1, k2)], [k2]
         clean = mixed_loss = q1.new_zeros((), dtype=torch.float32)
         for q, k in pairs:
-            clean = clean + info_nce(q, k, offset, tau, negatives)
-            mixed_loss = mixed_loss + lam * info_nce(q_mix, k, offset, tau, negatives)
-            mixed_loss = mixed_loss + (1.0 - lam) * info_nce(q_flip, k, offset, tau, negatives)
+            clean = clean + self.loss(q, k, offset, tau, negatives)
+            mixed_loss = mixed_loss + lam * self.loss(q_mix, k, offset, tau, negatives)
+            mixed_loss = mixed_loss + (1.0 - lam) * self.loss(q_flip, k, offset, tau, negatives)
         self.enqueue(torch.cat(clean_keys))
         logs = {"loss/clean": clean.detach(), "loss/mixed": mixed_loss.detach()}
         return clean + mixed_loss, logs

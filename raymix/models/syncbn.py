@@ -30,7 +30,7 @@ class GlobalBatchNorm(_BatchNorm):
         dims = [0, *range(2, input.dim())]
         shape = [1, channels] + [1] * (input.dim() - 2)  # broadcast over (B, C, ...)
         x = input.float()
-        count = torch.tensor([x.numel() // channels], dtype=x.dtype, device=x.device)
+        count = x.new_full((1,), x.numel() // channels)  # filled on the device: no host copy
         # Two passes (mean, then centred squares), as a single process would compute them.
         sums = dist.all_reduce_sum(torch.cat([x.sum(dims), count]))
         total = sums[-1]
@@ -49,13 +49,16 @@ class GlobalBatchNorm(_BatchNorm):
         return out.to(input.dtype)
 
 
-def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+def convert_batchnorm(module: nn.Module, device: torch.device, kind: str = "global") -> nn.Module:
     """Replace every BatchNorm in ``module`` with one synchronised across workers.
 
-    GPUs get torch's fused ``SyncBatchNorm``; other devices :class:`GlobalBatchNorm`.
-    Parameters are shared with the replaced layers, so optimisers and EMA pairs still match.
+    ``kind="global"``: :class:`GlobalBatchNorm` on every device (all-reduces, nothing read
+    back to the host). ``kind="torch"``: torch's ``SyncBatchNorm`` on GPUs (fused kernels,
+    but it drops empty workers' statistics with boolean masks: three host syncs per layer
+    per forward); :class:`GlobalBatchNorm` elsewhere. Parameters are shared with the
+    replaced layers, so optimisers and EMA pairs still match.
     """
-    if device.type == "cuda":
+    if kind == "torch" and device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, _BatchNorm) and not isinstance(child, GlobalBatchNorm):
@@ -68,5 +71,5 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
             new.train(child.training)
             setattr(module, name, new)
         else:
-            convert_batchnorm(child, device)
+            convert_batchnorm(child, device, kind)
     return module

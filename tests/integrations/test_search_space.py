@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import optuna
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from raymix.integrations.search_space import (
+    Scheduler,
     SearchSpaceError,
     applies,
     config_for,
@@ -120,3 +122,21 @@ def test_method_keys_apply_only_to_methods_that_have_them():
     assert applies("method.temperature", {}, base)
     assert applies("optim.lr", {"method.name": "moco"}, base)
     assert not applies("method.temperature", {"method.name": "no-such-method"}, base)
+
+
+@pytest.mark.parametrize(
+    ("grace", "factor", "max_t", "epochs"),
+    [(1, 2.0, None, 10), (1, 3.0, None, 20), (2, 2.0, 16, 16), (1, 1.5, 12, 30), (3, 2.0, None, 5)]
+    + [(1, 4.0, 40, 20)],
+)
+def test_rungs_are_where_rays_asha_compares_trials(grace, factor, max_t, epochs):
+    from ray.tune.schedulers import ASHAScheduler
+
+    rungs = Scheduler(grace_period=grace, reduction_factor=factor, max_t=max_t).rungs(epochs)
+    asha = ASHAScheduler(grace_period=grace, reduction_factor=factor, max_t=max_t or epochs)
+    milestones = [milestone for milestone, _ in asha._brackets[0]._rungs]
+    last = min(max_t or epochs, epochs)
+    # Each rung acts at the first whole epoch at or past its milestone; trials stop at max_t.
+    expected = {math.ceil(m) for m in milestones if math.ceil(m) <= last} | {last}
+    assert rungs == sorted(expected)
+    assert Scheduler(type="none").rungs(epochs) == []

@@ -7,7 +7,7 @@ import torch
 
 from raymix.config import ConfigError, load_config
 from raymix.methods import build_method
-from raymix.methods.base import mix_seed
+from raymix.methods.base import step_draws
 from raymix.methods.patchmix import patch_mix, patchmix_targets, smooth
 
 TINY = [
@@ -129,9 +129,8 @@ def views(batch: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step_mixes(x1, x2, num_mix, patch, seed=0, step=0):
-    """The mixes of one training step: a generator seeded by (seed, step), mix-or-not first."""
-    g = torch.Generator().manual_seed(mix_seed(seed, step))
-    torch.rand((), generator=g)
+    """The mixes of one training step: the device generator of (seed, step)."""
+    g = step_draws(seed, step, x1.device).device
     return patch_mix(x1, num_mix, patch, g)[0], patch_mix(x2, num_mix, patch, g)[0]
 
 

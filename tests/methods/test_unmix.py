@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from raymix.config import ConfigError, load_config
 from raymix.methods import build_method
-from raymix.methods.base import mix_seed
+from raymix.methods.base import step_draws
 from raymix.methods.unmix import region_box, sample_unmix, unmix_images
 
 TINY = [
@@ -33,8 +34,8 @@ def coded(batch: int, size: int = 12) -> torch.Tensor:
 
 
 def test_sampling_is_seeded_and_follows_prob_global_and_beta():
-    draws = [sample_unmix(1.0, 0.5, torch.Generator().manual_seed(s)) for s in range(2000)]
-    assert draws[:5] == [sample_unmix(1.0, 0.5, torch.Generator().manual_seed(s)) for s in range(5)]
+    draws = [sample_unmix(1.0, 0.5, random.Random(s)) for s in range(2000)]
+    assert draws[:5] == [sample_unmix(1.0, 0.5, random.Random(s)) for s in range(5)]
     share_global = sum(mode == "global" for mode, _ in draws) / len(draws)
     assert share_global == pytest.approx(0.5, abs=0.04)
     lams = torch.tensor([lam for _, lam in draws])
@@ -42,12 +43,12 @@ def test_sampling_is_seeded_and_follows_prob_global_and_beta():
     assert lams.mean().item() == pytest.approx(0.5, abs=0.02)  # Beta(1, 1) is uniform ...
     assert lams.var().item() == pytest.approx(1 / 12, abs=0.01)  # ... with variance 1/12
     # Beta(0.2, 0.2) puts most of its mass near 0 and 1; Beta(5, 5) near 1/2.
-    u_shaped = torch.tensor([sample_unmix(0.2, 0.5, torch.Generator().manual_seed(s))[1] for s in range(500)])
-    peaked = torch.tensor([sample_unmix(5.0, 0.5, torch.Generator().manual_seed(s))[1] for s in range(500)])
+    u_shaped = torch.tensor([sample_unmix(0.2, 0.5, random.Random(s))[1] for s in range(500)])
+    peaked = torch.tensor([sample_unmix(5.0, 0.5, random.Random(s))[1] for s in range(500)])
     assert ((u_shaped < 0.1) | (u_shaped > 0.9)).float().mean() > 0.5
     assert ((peaked > 0.3) & (peaked < 0.7)).float().mean() > 0.75
-    assert {sample_unmix(1.0, 0.0, torch.Generator().manual_seed(s))[0] for s in range(50)} == {"region"}
-    assert {sample_unmix(1.0, 1.0, torch.Generator().manual_seed(s))[0] for s in range(50)} == {"global"}
+    assert {sample_unmix(1.0, 0.0, random.Random(s))[0] for s in range(50)} == {"region"}
+    assert {sample_unmix(1.0, 1.0, random.Random(s))[0] for s in range(50)} == {"global"}
 
 
 def test_global_mixing_is_exact():
@@ -64,7 +65,7 @@ def test_region_mixing_fills_a_clipped_box_from_the_reversed_batch():
     clipped = 0
     for seed in range(60):
         lam = [0.19, 0.5, 0.84][seed % 3]
-        mixed, lam_eff = unmix_images(images, lam, "region", torch.Generator().manual_seed(seed))
+        mixed, lam_eff = unmix_images(images, lam, "region", random.Random(seed))
         inside = mixed[:, 0] // 1000 != images[:, 0] // 1000  # (B, H, W) pixels from another image
         box = inside[0]
         assert all(torch.equal(inside[b], box) for b in range(batch))  # one box for the batch
@@ -86,7 +87,7 @@ def test_region_mixing_fills_a_clipped_box_from_the_reversed_batch():
 
 def test_region_box_is_clipped_at_the_borders():
     # A box of side 9 on a 10-pixel image can't fit around most centres.
-    boxes = [region_box(10, 10, 1 - 0.81, torch.Generator().manual_seed(s)) for s in range(30)]
+    boxes = [region_box(10, 10, 1 - 0.81, random.Random(s)) for s in range(30)]
     for top, bottom, left, right in boxes:
         assert 0 <= top < bottom <= 10 and 0 <= left < right <= 10
         assert bottom - top <= 9 and right - left <= 9
@@ -114,9 +115,9 @@ def views(batch: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step_mix(view1, beta=1.0, prob_global=0.5, seed=0, step=0):
-    g = torch.Generator().manual_seed(mix_seed(seed, step))
-    mode, lam = sample_unmix(beta, prob_global, g)
-    return (*unmix_images(view1, lam, mode, g), mode)
+    rng = step_draws(seed, step).host
+    mode, lam = sample_unmix(beta, prob_global, rng)
+    return (*unmix_images(view1, lam, mode, rng), mode)
 
 
 def base_contrast(q, k, tau, negatives):
