@@ -17,9 +17,10 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from raymix.engine.trainer import Trainer
+if TYPE_CHECKING:  # the loop drives a Trainer; importing it (torch, timm) is the caller's cost
+    from raymix.engine.trainer import Trainer
 
 #: Keys of an evaluation's metrics (kNN and linear probe accuracies).
 EVAL_PREFIXES = ("knn_top1_k", "linear_")

@@ -27,7 +27,6 @@ from raymix.engine.checkpoint import (
     storage_error,
 )
 from raymix.engine.loop import EpochEnd, fresh, train_loop
-from raymix.engine.trainer import Trainer
 
 # Keys that may change between a run and its resumption: they do not alter the trajectory.
 RESUMABLE_CHANGES = (
@@ -154,6 +153,8 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = Tru
     Everything that can reject the input (config, data, an incompatible old run) happens
     before the first file is written. Returns the last epoch's metrics plus the paths.
     """
+    from raymix.engine.trainer import Trainer  # torch, timm: only once a run starts
+
     trainer = Trainer(cfg)
     state = resume_state(cfg)
     out = cfg.output_dir

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from raymix import dist
 from raymix.config import Config
-from raymix.data import BatchLoader, TwoViewAugment, build_datasets, normalize
+from raymix.data import BatchLoader, FolderData, ImageData, TwoViewAugment, build_datasets, normalize
 from raymix.engine.knn import knn_accuracies
 from raymix.engine.linear import linear_probe_ensemble
 from raymix.engine.optim import Schedules, build_optimizer
@@ -27,6 +27,7 @@ from raymix.methods import Method, build_method
 from raymix.models.syncbn import convert_batchnorm
 
 EVAL_BATCH = 512
+Datasets = tuple[ImageData | FolderData, ImageData | FolderData]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +65,11 @@ class Trainer:
     the unwrapped module stays available as ``self.method``.
     """
 
-    def __init__(self, cfg: Config, *, device: torch.device | None = None) -> None:
+    def __init__(
+        self, cfg: Config, *, device: torch.device | None = None, data: Datasets | None = None
+    ) -> None:
+        """``data``: the (train, test) datasets of ``cfg.data`` when the caller has them
+        already (a Ray Train worker receives them through the object store)."""
         rank, world_size = dist.rank(), dist.world_size()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = device or resolve_device(cfg.training.device)
@@ -72,7 +77,7 @@ class Trainer:
         configure_gpu(self.device, cfg.training.tf32)
         seed = cfg.training.seed
 
-        self.train_data, self.test_data = build_datasets(cfg.data)
+        self.train_data, self.test_data = data if data is not None else build_datasets(cfg.data)
         local_batch = cfg.training.batch_size // world_size
         self.train_loader = BatchLoader(
             self.train_data, local_batch, shuffle=True, drop_last=True, seed=seed,

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # the V2 types
 
 from raymix.config import Config, ConfigError, config_from_dict
+from raymix.data import build_datasets
 from raymix.engine.checkpoint import check_writable, first_missing, load_checkpoint, save_checkpoint
-from raymix.engine.loop import EpochEnd, train_loop
+from raymix.engine.loop import EpochEnd
 from raymix.engine.run import RunFailedError
-from raymix.engine.trainer import Trainer
 from raymix.integrations.cluster import check_shared_storage, init_ray, storage_key, storage_override
 
 STATE_FILE = "state.pt"
@@ -91,11 +92,17 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """One worker: rebuild the config, restore the latest checkpoint, train, report every epoch.
 
     ``loop_config["extra_epochs"]``: epochs that evaluate and checkpoint besides the
-    config's cadence (a sweep's ASHA rungs).
+    config's cadence (a sweep's ASHA rungs). ``loop_config["data"]``: an object-store
+    reference to the datasets, built once by the driver (else each worker builds them).
     """
+    from raymix.engine.loop import train_loop  # torch and timm load in the workers only
+    from raymix.engine.trainer import Trainer
+
     cfg = config_from_dict(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
-    trainer = Trainer(cfg, device=ray.train.torch.get_device())
+    data = loop_config.get("data")
+    datasets = ray.get(data) if data is not None else None
+    trainer = Trainer(cfg, device=ray.train.torch.get_device(), data=datasets)
     train_loop(
         trainer,
         _restore(trainer.device),
@@ -131,10 +138,11 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
     score: tuple[str, str] = ("knn_top1", "max"),
     extra_epochs: Sequence[int] = (),
+    data: Any = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` of one run; ``score`` ranks the checkpoints Ray keeps (by the
     latest evaluation each reports); ``extra_epochs`` evaluate and checkpoint besides the
-    config's cadence."""
+    config's cadence; ``data``: an object-store reference to the run's datasets, if any."""
     scaling = cfg.scaling
     resources: dict[str, float] = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -145,6 +153,7 @@ def build_trainer(
             "config": cfg.to_dict(),
             "run_dir": str(Path(storage_path) / name),
             "extra_epochs": sorted(extra_epochs),
+            "data": data,
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -220,13 +229,19 @@ def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     created = first_missing(f"{storage_path}/{name}")  # removed again if the run is refused
     check_storage(storage_path, name, key if given else "training.output_dir")  # needs no cluster
     started = training = False
+    # The datasets are built once, here, while Ray starts, and reach every worker through
+    # the object store; a bad data setting fails before any worker starts.
+    pool = ThreadPoolExecutor(1)
+    datasets = pool.submit(build_datasets, cfg.data)
+    pool.shutdown(wait=False)
     try:
         started = init_ray()
         check_resources(cfg, ray.cluster_resources())
         check_shared_storage(storage_path, given, key)
+        data = ray.put(datasets.result())
         log(f"Ray Train: {cfg.scaling.num_workers} worker(s), run folder {Path(storage_path) / name}")
         training = True
-        result = build_trainer(cfg, storage_path, name).fit()
+        result = build_trainer(cfg, storage_path, name, data=data).fit()
     except ray.train.TrainingFailedError as exc:
         raise RunFailedError(f"training failed after {cfg.scaling.max_failures} restart(s): {exc}") from exc
     except ConfigError:

@@ -40,7 +40,6 @@ from raymix.config import Config, ConfigError, check_name
 from raymix.engine.checkpoint import first_missing, load_checkpoint
 from raymix.engine.loop import EpochEnd, train_loop
 from raymix.engine.run import config_changes
-from raymix.engine.trainer import Trainer
 from raymix.integrations import cluster, leaderboard, ray_train, tracking
 from raymix.integrations.search_space import (
     SearchSpace,
@@ -123,6 +122,8 @@ def trial_in_process(point: dict[str, Any], *, space: dict[str, Any], base: dict
     """A single-worker trial: the engine in the Tune trial's own process."""
     cfg = trial_config(point, space, base)
     torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
+    from raymix.engine.trainer import Trainer  # in the trial's process only
+
     trainer = Trainer(cfg)
     state = None
     checkpoint = ray.tune.get_checkpoint()

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,5 +99,12 @@ def ray_head(folder: Path, num_cpus: int = 2) -> Iterator[str]:
         "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
         "--num-cpus", str(num_cpus), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
     ]  # fmt: skip
-    with _serving(command, folder / "ray-head.log", f"{url}/api/version", timeout=180):
-        yield url
+    try:
+        with _serving(command, folder / "ray-head.log", f"{url}/api/version", timeout=180):
+            yield url
+    finally:
+        # A head stopped by a signal leaves its address as the machine's "current cluster",
+        # where Ray's State API clients would later look for it: take it back.
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if record.exists() and record.read_text().strip().endswith(f":{gcs}"):
+            record.unlink(missing_ok=True)
