@@ -58,7 +58,6 @@ from typing import Any
 import torch
 import yaml
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
 import raymix
 from raymix.config import load_config
@@ -68,6 +67,7 @@ from raymix.integrations.ray_train import write_checkpoint
 from raymix.integrations.search_space import Scheduler
 from raymix.methods import build_method
 
+from counting import flop_counter
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,9 +222,9 @@ def count_flops(overrides: list[str]) -> dict[str, Any]:
     trainer.method.train()
     images, labels = next(iter(trainer.train_loader))
     trainer.train_step(images, labels)  # warm-up: allocator, lazy state
-    with FlopCounterMode(display=False) as step:
+    with flop_counter() as step:
         trainer.train_step(images, labels)
-    with FlopCounterMode(display=False) as evaluation:
+    with flop_counter() as evaluation:
         trainer.evaluate()
     train_flops = step.get_total_flops() * trainer.steps_per_epoch
     eval_flops = evaluation.get_total_flops()

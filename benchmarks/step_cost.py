@@ -41,13 +41,14 @@ import torch
 from method_step import METHOD_OVERRIDES, SCALES
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 import raymix
 from raymix.config import METHOD_NAMES, load_config
 from raymix.engine.syncs import SyncCounter
 from raymix.engine.trainer import Trainer
 
+from counting import flop_counter
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,28 +106,6 @@ def build(method: str, extra: list[str], warmup: int) -> tuple[Trainer, torch.Te
 
 
 # ---------------------------------------------------------------- FLOPs
-
-
-def _cpu_attention(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward(
-    grad: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
-) -> int:
-    return sdpa_backward_flop_count(grad, query, key, value)
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's counter, plus the CPU's fused attention (torch maps only the GPU kernels)."""
-    aten = torch.ops.aten
-    return FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
-        },
-    )
 
 
 def phase() -> str:

@@ -33,11 +33,11 @@ from typing import Any
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from raymix.config import METHOD_NAMES, ConfigError, load_config
 from raymix.engine.trainer import Trainer
 
+from counting import flop_counter
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,28 +94,6 @@ def batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (count,), generator=generator)
     return images.to(trainer.device), labels.to(trainer.device)
-
-
-def _cpu_attention(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-def _cpu_attention_backward(
-    grad: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any
-) -> int:
-    return sdpa_backward_flop_count(grad, q, k, v)
-
-
-def flop_counter() -> FlopCounterMode:
-    """A FLOP counter that also counts fused attention on the CPU (torch counts only the GPU kernels)."""
-    aten = torch.ops.aten
-    return FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
-        },
-    )
 
 
 def count_flops(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> float:
