@@ -48,7 +48,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,7 +67,7 @@ from raymix.integrations.search_space import Scheduler
 from raymix.methods import build_method
 
 from counting import flop_counter
-from machine import cpu_name
+from machine import cpu_name, git
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "launch" / "experiments" / "patchmix_cifar10.yaml"
@@ -294,16 +293,6 @@ def projection(runs: dict[str, list[dict[str, Any]]], sweep: dict[str, Any], epo
             "share": round((ev + ck) / total, 4),
         }
     return out
-
-
-def git(*command: str) -> str:
-    """A git command's output in the checkout raymix was imported from ('' when there is none)."""
-    where = Path(raymix.__file__).resolve().parent
-    try:
-        done = subprocess.run(["git", "-C", str(where), *command], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def print_tables(result: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -14,3 +15,15 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def git(*command: str) -> str:
+    """A git command's output in the checkout raymix is imported from ('' when there is none)."""
+    import raymix
+
+    where = Path(raymix.__file__).resolve().parent
+    try:
+        done = subprocess.run(["git", "-C", str(where), *command], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""

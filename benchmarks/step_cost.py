@@ -29,7 +29,6 @@ import datetime
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -49,7 +48,7 @@ from raymix.engine.syncs import SyncCounter
 from raymix.engine.trainer import Trainer
 
 from counting import flop_counter
-from machine import cpu_name
+from machine import cpu_name, git
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = "cpu"
@@ -280,16 +279,6 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                 "steps_per_second": round(row["steps_per_second"] / base["steps_per_second"], 3),
             }
     return out
-
-
-def git(*command: str) -> str:
-    """A git command's output in the checkout raymix was imported from ('' when there is none)."""
-    where = Path(raymix.__file__).resolve().parent
-    try:
-        done = subprocess.run(["git", "-C", str(where), *command], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 # ---------------------------------------------------------------- report
