@@ -136,14 +136,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     best.add_argument("sweep", metavar="SWEEP", help="sweep folder, e.g. sweeps/quickstart")
     best.add_argument("--out", help="where to write the config (default: SWEEP/best_config.yaml)")
+
+    preview = sub.add_parser(
+        "preview",
+        help="draw a few training images and their augmented views as a PNG",
+        description="Write a PNG grid with one row per training image: the image, then view 1 and "
+        "view 2 after every augmentation of CONFIG (the first images of epoch 0, seeded by "
+        "training.seed: the same command writes the same file). Runs on the CPU; nothing is trained.",
+        epilog=keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    preview.add_argument("config", metavar="CONFIG", help="YAML config file (see launch/experiments/)")
+    preview.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. augment.crop_scale=[0.5,1]"
+    )
+    preview.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write (folder created)")
+    preview.add_argument("--count", type=int, default=8, help="number of images (rows), default 8")
     return parser
 
 
 def uses_ray(cfg: Config) -> bool:
-    """``scaling.backend=auto``: Ray Train for several workers or when a cluster is named."""
+    """``scaling.backend=auto``: Ray Train for several workers, when a cluster is named or
+    when Ray Data decodes the images (``data.loader=ray``)."""
     backend = cfg.scaling.backend
     return backend == "ray" or (
-        backend == "auto" and (cfg.scaling.num_workers > 1 or "RAY_ADDRESS" in os.environ)
+        backend == "auto"
+        and (cfg.scaling.num_workers > 1 or "RAY_ADDRESS" in os.environ or cfg.data.loader == "ray")
     )
 
 
@@ -248,6 +266,20 @@ def _best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preview(args: argparse.Namespace) -> int:
+    if Path(args.out).suffix.lower() != ".png":
+        raise ConfigError(f"--out {args.out!r}: the preview is a PNG; give a file name ending in .png")
+    if args.count < 1:
+        raise ConfigError(f"--count {args.count}: must be at least 1")
+    cfg = load_config(args.config, args.overrides)
+    from raymix.data.preview import make_grid, preview_rows, write_png
+
+    rows = preview_rows(cfg, count=args.count)
+    out = write_png(make_grid(rows), args.out)
+    print(f"training images {rows.indices} (original, view 1, view 2 per row) written to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after flags: collect the ones argparse left over.
@@ -257,7 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
-        commands = {"train": _train, "eval": _eval, "tune": _tune, "submit": _submit, "best": _best}
+        commands = {
+            "train": _train,
+            "eval": _eval,
+            "tune": _tune,
+            "submit": _submit,
+            "best": _best,
+            "preview": _preview,
+        }
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"raymix: error: {exc}", file=sys.stderr)

@@ -66,7 +66,27 @@ class DataConfig(Section):
     synthetic_train_size: int = Field(2000, ge=2, le=MAX_COUNT)
     synthetic_test_size: int = Field(500, ge=1, le=MAX_COUNT)
     synthetic_classes: int = Field(10, ge=2, le=1000)
-    loader_workers: int = Field(0, ge=0, le=1024, description="decoding processes (imagefolder only)")
+    loader_workers: int = Field(
+        0, ge=0, le=1024, description="imagefolder: decoding processes per training worker (persistent)"
+    )
+    prefetch: int = Field(
+        4, ge=1, le=1024, description="imagefolder: batches each loader process decodes ahead"
+    )
+    loader: Literal["torch", "ray"] = Field(
+        "torch", description="imagefolder: decode in local loader processes (torch) or as Ray Data tasks "
+        "on any CPU node of the cluster (ray; trains through Ray Train)",
+    )  # fmt: skip
+    decode_cpus: float = Field(
+        1.0, gt=0.0, le=1024, description="data.loader=ray: CPUs each Ray Data decoding task reserves"
+    )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu", description="imagefolder JPEGs: decode on the CPU at reduced size (PIL draft mode) or on the "
+        "training device (torchvision.io.decode_jpeg; nvJPEG on CUDA)",
+    )  # fmt: skip
+    eval_crop_fraction: float = Field(
+        0.875, gt=0.0, le=1.0, description="imagefolder evaluation: resize the shorter side to "
+        "image_size / fraction, then take the centre image_size square (0.875: 256 -> 224)",
+    )  # fmt: skip
 
 
 class AugmentConfig(Section):
@@ -271,6 +291,10 @@ class EvalConfig(Section):
     linear_lr: float = Field(0.1, gt=0.0)
     linear_batch_size: int = Field(256, ge=1, le=MAX_COUNT)
     linear_at_end: bool = Field(False, description="run the linear probe after training")
+    knn_train_subset: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="kNN and linear probe: a fixed, class-stratified subset of "
+        "this many training images as the bank (null: all); bounds evaluation cost on ImageNet-1K",
+    )  # fmt: skip
 
 
 class TrackingConfig(Section):
@@ -347,6 +371,22 @@ class Config(Section):
             )
         if self.data.name in ("cifar10", "cifar100", "stl10", "imagefolder") and not self.data.root:
             raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+        if self.data.loader == "ray":  # Ray Data tasks decode an image folder for Ray Train workers
+            if self.data.name != "imagefolder":
+                raise ValueError(
+                    f"data.loader=ray decodes image folders on the cluster; data.name={self.data.name} "
+                    "needs data.loader=torch (allowed with data.loader=ray: data.name=imagefolder)"
+                )
+            if self.scaling.backend == "local":
+                raise ValueError(
+                    "data.loader=ray trains through Ray Train; scaling.backend=local needs "
+                    "data.loader=torch (allowed with data.loader=ray: scaling.backend=auto or ray)"
+                )
+            if self.data.decode != "cpu":
+                raise ValueError(
+                    f"data.loader=ray decodes on the CPUs of the cluster; data.decode={self.data.decode} "
+                    "needs data.loader=torch (allowed with data.loader=ray: data.decode=cpu)"
+                )
         local_batch = self.training.batch_size // self.scaling.num_workers
         groups = self.backbone.key_bn_groups
         has_keys = isinstance(self.method, ContrastConfig)  # SelfCon has no key encoder

@@ -70,6 +70,29 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return _all_gather(x.detach()) if is_distributed() else x.detach()
 
 
+@torch.no_grad()
+def all_gather_uneven(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``x``, in rank order, on every rank; ``[x]`` in one process.
+
+    Ranks may hold different numbers of rows (dim 0), even none: each pads its rows to the
+    longest, all ranks gather, and the padding is cut off again. Every rank must call it,
+    with tensors of one dtype and number of dims; the other dims are taken from a rank that
+    has rows (a rank without rows may pass e.g. a ``(0, 0)`` tensor).
+    """
+    if not is_distributed():
+        return [x.detach()]
+    shape = torch.tensor(x.shape, dtype=torch.int64, device=x.device)  # (ndim,)
+    shapes = _all_gather(shape.unsqueeze(0)).tolist()  # (W, ndim)
+    rows = [s[0] for s in shapes]
+    trailing = next((s[1:] for s in shapes if s[0] > 0), shapes[0][1:])
+    padded = x.new_zeros((max(max(rows), 1), *trailing))
+    if x.shape[0]:
+        padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded)
+    return [part[:n] for part, n in zip(parts, rows, strict=True)]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank; gradients flow back to each rank's own rows.
 

@@ -14,10 +14,28 @@ def test_defaults_validate():
     assert cfg.output_dir == Path("runs/moco-digits-vit_micro-s0")
 
 
+# A recipe's file name names its dataset; ImageNet recipes read an image folder.
+STEM_NAMES = {"imagefolder": ("imagefolder", "imagenet")}
+IMAGENET = [p for p in EXPERIMENTS if "imagenet" in p.stem]
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_example_config_loads(path):
     cfg = load_config(path)
-    assert cfg.data.name in path.stem
+    assert any(name in path.stem for name in STEM_NAMES.get(cfg.data.name, (cfg.data.name,)))
+
+
+@pytest.mark.parametrize("path", IMAGENET, ids=lambda p: p.stem)
+def test_imagenet_recipes_are_gpu_image_folder_runs(path):
+    cfg = load_config(path)
+    assert cfg.data.name == "imagefolder" and cfg.data.image_size == 224
+    assert cfg.scaling.use_gpu and cfg.training.checkpoint_every == 10
+    if cfg.backbone.name.startswith("resnet"):
+        assert not cfg.backbone.cifar_stem
+    else:
+        assert cfg.backbone.patch_size == 16
+    # ImageNet-1K's kNN bank is a bounded subset; ImageNet-100's training set fits whole.
+    assert (cfg.eval.knn_train_subset is not None) == ("imagenet1k" in path.stem)
 
 
 def test_example_for_every_dataset():
@@ -49,7 +67,7 @@ def test_overrides_do_not_mutate_input():
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["data.colour=1"], "unknown key 'data.colour'; allowed keys in data: download"),
+        (["data.colour=1"], "unknown key 'data.colour'; allowed keys in data: decode, decode_cpus, download"),
         (["method.bogus=1"], "unknown key 'method.bogus'; allowed keys in method: momentum"),
         (["nonsense=1"], "unknown key 'nonsense'; allowed keys: augment"),
         (["method.name=simclr"], "method.name: unknown method 'simclr'; allowed: moco"),

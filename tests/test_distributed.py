@@ -2,7 +2,8 @@
 
 Each case builds the same method in both settings; the two workers each take half of
 one batch, synchronise BatchNorm, gather keys and average gradients through DDP. Method
-issues add their configs to CASES.
+issues add their configs to CASES. The same workers also extract evaluation features of
+their shards and evaluate, as one process does alone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 
 from raymix import dist
 from raymix.config import load_config
+from raymix.engine.trainer import Trainer
 from raymix.methods import build_method
 from raymix.methods.base import step_draws
 from raymix.methods.patchmix import patch_mix, patchmix_targets, smooth
@@ -145,6 +147,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         gathered = dist.gather_with_grad(x)
         (gathered * weight).sum().backward()
         torch.save({"gathered": gathered.detach(), "grad": x.grad}, f"{out_dir}/gather{rank}.pt")
+        # Sharded feature extraction and evaluation; each rank saves what it got.
+        torch.save(_evaluation(Trainer(load_config(None, EVAL))), f"{out_dir}/eval{rank}.pt")
     finally:
         torch_dist.destroy_process_group()
 
@@ -188,6 +192,41 @@ def test_gather_with_grad_routes_gradients_to_their_rank(two_workers: Path) -> N
         torch.testing.assert_close(got["gathered"], expected)
         rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         torch.testing.assert_close(got["grad"], WORLD * weight[rows])
+
+
+# ---------------------------------------------------------------- evaluation
+
+# Odd sizes: shards of 32/31 training, 9/8 test and 21/20 subset images. SelfCon on a ResNet
+# probes three encoders (backbone and two exits), each extracted by every rank, and its
+# synchronised BatchNorm must run on running statistics, without a collective.
+EVAL = [
+    *TINY, "data.name=synthetic", "data.synthetic_train_size=63", "data.synthetic_test_size=17",
+    "backbone.name=resnet18", "method.name=selfcon", "method.exits=[true,false,true]",
+    "training.batch_size=16", "eval.knn_k=[3,10]", "eval.linear_epochs=2", "eval.knn_train_subset=41",
+]  # fmt: skip
+
+
+def _evaluation(trainer: Trainer) -> dict[str, object]:
+    return {
+        "train": trainer.features(trainer.train_data),
+        "test": trainer.features(trainer.test_data),
+        "metrics": trainer.evaluate(linear=True),
+    }
+
+
+def test_two_workers_extract_and_evaluate_like_one_process(two_workers: Path) -> None:
+    expected = _evaluation(Trainer(load_config(None, EVAL)))
+    assert len(expected["train"][0]) == 63 and len(expected["test"][0]) == 17
+    for rank in range(WORLD):
+        got = torch.load(two_workers / f"eval{rank}.pt")
+        for split in ("train", "test"):  # every rank holds every row, in dataset order
+            torch.testing.assert_close(got[split][0], expected[split][0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[split][1], expected[split][1])
+        # Rank 0 measures (the kNN bank is the 41-image subset); the other ranks return nothing.
+        assert got["metrics"] == (pytest.approx(expected["metrics"]) if rank == 0 else {})
+    assert {"knn_top1_k3", "knn_top1_k10", "linear_exit1_top1_best", "linear_ensemble_top1_last"} <= set(
+        expected["metrics"]
+    )
 
 
 def test_global_batchnorm_is_plain_batchnorm_in_one_process() -> None:

@@ -280,13 +280,21 @@ def solarize(images: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -
 # ---------------------------------------------------------------- the view
 
 
-def apply_view(images: torch.Tensor, params: ViewParams, out_size: int) -> torch.Tensor:
+def flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror (B, C, H, W) images left-right where the per-sample ``mask`` is set."""
+    return _where(mask, images.flip(-1), images)
+
+
+def apply_view(
+    images: torch.Tensor, params: ViewParams, out_size: int, cropped: bool = False
+) -> torch.Tensor:
     """Apply one view's parameters to (B, 3, H, W) float images in [0, 1] -> (B, 3, out, out) in [0, 1].
 
     Order: resized crop + flip, colour jitter, grayscale, gaussian blur, solarize. A sample whose mask
-    is off for a step passes through that step unchanged.
+    is off for a step passes through that step unchanged. ``cropped``: the images are this view's
+    crops already (image folders crop while decoding), so only the flip is applied.
     """
-    x = resized_crop(images, params, out_size)
+    x = flip(images, params.flip) if cropped else resized_crop(images, params, out_size)
     x = color_jitter(x, params)
     x = _where(params.grayscale, grayscale(x).expand_as(x), x)
     x = _where(params.blur, gaussian_blur(x, params.sigma, blur_kernel_size(out_size)), x)
@@ -327,10 +335,15 @@ class TwoViewAugment:
             self._stats[device] = (_stats_tensor(self.mean, probe), _stats_tensor(self.std, probe))
         return self._stats[device]
 
-    def view(self, images: torch.Tensor, view: int, generator: torch.Generator) -> torch.Tensor:
-        """One normalised view of float images in [0, 1] (B, 3, H, W) -> (B, 3, S, S) float32."""
+    def view(
+        self, images: torch.Tensor, view: int, generator: torch.Generator, cropped: bool = False
+    ) -> torch.Tensor:
+        """One normalised view of float images in [0, 1] (B, 3, H, W) -> (B, 3, S, S) float32.
+
+        ``cropped``: ``images`` are this view's crops at size S already (flip and colour remain).
+        """
         params = sample_view_params(images.shape[0], self.cfg, view, generator, images.device)
-        x = apply_view(images, params, self.image_size)
+        x = apply_view(images, params, self.image_size, cropped=cropped)
         mean, std = self.stats(x.device)
         return (x - mean) / std
 
@@ -339,11 +352,18 @@ class TwoViewAugment:
     ) -> tuple[torch.Tensor, ...]:
         """uint8 (B, 3, H, W) on the training device -> ``views`` (1 or 2) float32 views (B, 3, S, S).
 
-        View 0 draws the same parameters whether or not view 1 follows.
+        Images already cropped per view, (B, V, 3, S, S) with V >= ``views`` (image folders), skip
+        the crop. View 0 draws the same parameters whether or not view 1 follows.
         """
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        if views not in (1, 2):
-            raise ValueError(f"views must be 1 or 2, got {views}")
+        cropped = images.dim() == 5
+        if images.dtype != torch.uint8 or images.dim() not in (4, 5) or images.shape[-3] != 3:
+            raise ValueError(
+                "expected uint8 images (B, 3, H, W) or (B, V, 3, S, S), "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
+        if views not in (1, 2) or (cropped and images.shape[1] < views):
+            raise ValueError(f"views must be 1 or 2 (and at most the crops given), got {views}")
         x = images.to(torch.float32) / 255.0
+        if cropped:
+            return tuple(self.view(x[:, view], view, generator, cropped=True) for view in range(views))
         return tuple(self.view(x, view, generator) for view in range(views))

@@ -3,7 +3,7 @@
 Small datasets (digits, synthetic, CIFAR, STL-10) are decoded once and held in memory as one
 ``(N, 3, S, S)`` uint8 tensor (:class:`ImageData`), so batches are plain tensor indexing and all
 augmentation happens batched on the training device. Image folders of arbitrary size are decoded
-lazily (:class:`FolderData`).
+lazily (:class:`raymix.data.folder.FolderData`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import datasets as tv_datasets
-from torchvision import transforms
 
 from raymix.config import ConfigError, DataConfig
+from raymix.data.folder import FolderData
 
 Triple = tuple[float, float, float]
 
 # Published per-channel statistics of the training splits, in [0, 1] units.
-IMAGENET_MEAN: Triple = (0.485, 0.456, 0.406)
-IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 CIFAR10_MEAN: Triple = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: Triple = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN: Triple = (0.5071, 0.4865, 0.4409)
@@ -52,63 +50,6 @@ class ImageData:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
-
-
-class _FixedClassFolder(tv_datasets.ImageFolder):
-    """An ImageFolder whose class-to-index map is given, so val labels match train labels."""
-
-    def __init__(self, root: str, class_to_idx: dict[str, int] | None, **kwargs: Any) -> None:
-        self._given_class_to_idx = class_to_idx
-        super().__init__(root, **kwargs)
-
-    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        if self._given_class_to_idx is None:
-            return super().find_classes(directory)
-        present = {p.name for p in Path(directory).iterdir() if p.is_dir()}
-        unknown = sorted(present - set(self._given_class_to_idx))
-        if unknown:
-            raise ConfigError(
-                f"data.root: class folders {unknown} in {str(directory)!r} do not exist in the train/ split"
-            )
-        mapping = {name: i for name, i in self._given_class_to_idx.items() if name in present}
-        return sorted(mapping), mapping
-
-
-class FolderData(torch.utils.data.Dataset):
-    """A lazily decoded image folder (torchvision ImageFolder layout: ``root/<class>/<image>``).
-
-    Items are ``(uint8 tensor (3, S, S), int label)``: the shorter side is resized to S, then the
-    centre S x S square is cropped. Normalisation constants are ImageNet's.
-    """
-
-    mean: Triple = IMAGENET_MEAN
-    std: Triple = IMAGENET_STD
-
-    def __init__(self, root: str | Path, image_size: int, class_to_idx: dict[str, int] | None = None) -> None:
-        transform = transforms.Compose(
-            [
-                transforms.Resize(image_size, antialias=True),
-                transforms.CenterCrop(image_size),
-                transforms.PILToTensor(),
-            ]
-        )
-        try:
-            self.folder = _FixedClassFolder(str(root), class_to_idx, transform=transform)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"data.root: no images found in {str(root)!r} ({exc})") from None
-        self.image_size = image_size
-        self.class_to_idx: dict[str, int] = dict(self.folder.class_to_idx)
-        # A val folder missing some class still counts every class of the train folder.
-        self.num_classes = len(class_to_idx) if class_to_idx is not None else len(self.class_to_idx)
-        # Labels come from the file list, so they are known without decoding any image.
-        self.labels = torch.tensor(self.folder.targets, dtype=torch.int64)  # (N,)
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[index]
-        return image, int(label)
 
 
 # ---------------------------------------------------------------- helpers
@@ -346,8 +287,11 @@ def _imagefolder(cfg: DataConfig, root: Path) -> tuple[FolderData, FolderData]:
             f"data.root={cfg.root!r} must contain train/ and val/ subfolders in ImageFolder layout "
             f"(missing: {', '.join(m + '/' for m in missing)})"
         )
-    train = FolderData(root / "train", cfg.image_size)
-    test = FolderData(root / "val", cfg.image_size, class_to_idx=train.class_to_idx)
+    fraction, draft = cfg.eval_crop_fraction, cfg.decode == "cpu"
+    train = FolderData(root / "train", cfg.image_size, eval_fraction=fraction, draft=draft)
+    test = FolderData(
+        root / "val", cfg.image_size, class_to_idx=train.class_to_idx, eval_fraction=fraction, draft=draft
+    )
     return train, test
 
 

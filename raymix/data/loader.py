@@ -7,11 +7,14 @@ its own share, and a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from raymix.config import ConfigError
-from raymix.data.datasets import FolderData, ImageData
+from raymix.data.datasets import ImageData
+from raymix.data.device_decode import RawTrainCrops, collate_raw, decode_batch
+from raymix.data.folder import CropSpec, FolderData, TrainCrops
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -39,11 +42,34 @@ def shard_indices(
     return order[rank::world_size]
 
 
+class _EpochBatches:
+    """A DataLoader batch sampler reading its loader's current epoch at each iteration, so the
+    DataLoader (and its persistent processes) is built once per run, not once per epoch."""
+
+    def __init__(self, loader: BatchLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        epoch = self.loader.epoch
+        keyed = self.loader.crops is not None
+        for idx in self.loader._batches():
+            yield [(i, epoch) for i in idx.tolist()] if keyed else idx.tolist()
+
+
 class BatchLoader:
     """Shuffled (or ordered) batches of (uint8 images, int64 labels) on `device`, sharded across workers.
 
     ``batch_size`` is the per-worker batch. In-memory :class:`ImageData` is indexed a batch at a
-    time; :class:`FolderData` is decoded by a torch DataLoader over the same batches.
+    time. A :class:`FolderData` is decoded by one torch DataLoader kept for the whole run (persistent
+    processes, ``prefetch`` batches ahead each). With ``crops`` its batches are training views,
+    ``(b, views, 3, S, S)``: each image's RandomResizedCrops of the full image (see
+    :mod:`raymix.data.folder`), decoded on the CPU or, with ``decode="device"``, on ``device``.
+    Without it they are evaluation images ``(b, 3, S, S)``; any dataset of ``(image, label)``
+    items with ``labels`` is decoded the same way. ``persistent=False``: the decoding processes
+    end with each pass (a one-off pass such as an evaluation).
     """
 
     def __init__(
@@ -58,6 +84,10 @@ class BatchLoader:
         world_size: int = 1,
         device: torch.device | str = "cpu",
         num_workers: int = 0,
+        prefetch: int = 2,
+        crops: CropSpec | None = None,
+        decode: str = "cpu",
+        persistent: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"training.batch_size must give at least 1 image per worker, got {batch_size}")
@@ -78,7 +108,12 @@ class BatchLoader:
         self.world_size = world_size
         self.device = torch.device(device)
         self.num_workers = num_workers
+        self.prefetch = prefetch
+        self.crops = crops if isinstance(data, FolderData) else None
+        self.decode = decode
+        self.persistent = persistent
         self.epoch = 0
+        self._loader: torch.utils.data.DataLoader[Any] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch`` for the next iteration."""
@@ -115,18 +150,37 @@ class BatchLoader:
             return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         return images.to(self.device), labels.to(self.device)
 
+    def _dataloader(self) -> torch.utils.data.DataLoader[Any]:
+        """The run's DataLoader over the folder, built at the first iteration."""
+        if self._loader is None:
+            dataset: torch.utils.data.Dataset[Any] = self.data  # type: ignore[assignment]
+            collate = None
+            if self.crops is not None:
+                assert isinstance(self.data, FolderData)
+                raw = self.decode == "device"
+                dataset = RawTrainCrops(self.data, self.crops) if raw else TrainCrops(self.data, self.crops)
+                collate = collate_raw if raw else None
+            workers = self.num_workers
+            self._loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=_EpochBatches(self),
+                num_workers=workers,
+                collate_fn=collate,
+                pin_memory=self.device.type == "cuda" and not (self.crops and self.decode == "device"),
+                persistent_workers=self.persistent and workers > 0,
+                prefetch_factor=self.prefetch if workers > 0 else None,
+            )
+        return self._loader
+
     def __iter__(self) -> Iterator[Batch]:
-        """Yield (images (b, 3, S, S) uint8, labels (b,) int64) on ``device``."""
-        batches = self._batches()
+        """Yield (images (b, 3, S, S) or (b, views, 3, S, S) uint8, labels (b,) int64) on ``device``."""
         if isinstance(self.data, ImageData):
-            for idx in batches:
+            for idx in self._batches():
                 yield self._to_device(self.data.images[idx], self.data.labels[idx])
             return
-        loader = torch.utils.data.DataLoader(
-            self.data,
-            batch_sampler=[idx.tolist() for idx in batches],
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        for images, labels in loader:
-            yield self._to_device(images, labels.to(torch.int64))
+        for batch in self._dataloader():
+            if self.crops is not None and self.decode == "device":
+                yield decode_batch(batch, self.data, self.crops, self.device)
+            else:
+                images, labels = batch
+                yield self._to_device(images, labels.to(torch.int64))

@@ -57,10 +57,11 @@ class Cadence:
 class EpochEnd:
     """What one epoch hands to ``report``.
 
-    ``kind``: "initial" (rank 0's evaluation of the encoder before training, epoch 0, not a
-    trained epoch), "epoch" (a trained epoch) or "repeat" (a finished run started again:
-    its final encoder evaluated once more). ``state`` builds the state dict to save; it is
-    set on rank 0 only.
+    ``kind``: "initial" (the evaluation of the encoder before training, epoch 0, not a
+    trained epoch; reported on rank 0 only), "epoch" (a trained epoch) or "repeat" (a
+    finished run started again: its final encoder evaluated once more). ``evaluated`` is
+    true on rank 0 only, though every rank takes part in each evaluation. ``state`` builds
+    the state dict to save; it is set on rank 0 only.
     """
 
     kind: Literal["initial", "epoch", "repeat"]
@@ -114,9 +115,11 @@ def train_loop(
 ) -> dict[str, Any]:
     """Train from ``state`` (or from scratch) to ``training.epochs``; returns the last metrics.
 
-    Only rank 0 evaluates and builds states to save; every rank calls ``report`` each
-    epoch (it may be a barrier). ``extra``: epochs that must evaluate and checkpoint
-    besides the config's cadence.
+    Evaluation is a collective: every rank calls ``trainer.evaluate`` at the same epochs
+    (each extracts features of its shard), and only rank 0 keeps and reports the metrics.
+    Only rank 0 builds states to save; every rank calls ``report`` each epoch (it may be a
+    barrier). ``extra``: epochs that must evaluate and checkpoint besides the config's
+    cadence.
     """
     cadence = Cadence.of(trainer, extra)
     epochs, linear_at_end = cadence.epochs, trainer.cfg.eval.linear_at_end
@@ -125,7 +128,8 @@ def train_loop(
         run = dict(state["run"])
         latest = dict(state.get("latest_eval", {}))
     else:
-        initial = trainer.evaluate() if rank0 else {}
+        initial = trainer.evaluate()  # on every rank: a collective
+        initial = initial if rank0 else {}
         run = {"knn_top1_init": initial.get("knn_top1", math.nan), "best_knn_top1": -math.inf}
         latest = {**initial, "eval_epoch": 0} if rank0 else {}
         if rank0:
@@ -136,7 +140,8 @@ def train_loop(
         return {**trainer.state_dict(), "run": dict(run), "latest_eval": dict(latest)}
 
     if trainer.epoch >= epochs:  # a finished run started again: its encoder once more
-        final = trainer.evaluate(linear=linear_at_end) if rank0 else {}
+        final = trainer.evaluate(linear=linear_at_end)  # on every rank: a collective
+        final = final if rank0 else {}
         again = {**final, "epoch": trainer.epoch, "eval_epoch": trainer.epoch, **_summary(run)}
         report(EpochEnd("repeat", again, evaluated=rank0, checkpoint=False))
         return again
@@ -148,12 +153,14 @@ def train_loop(
         epoch = trainer.epoch
         evaluated = rank0 and cadence.evaluates(epoch)
         improved = False
-        if evaluated:
+        if cadence.evaluates(epoch):  # on every rank: a collective
             start = time.perf_counter()
-            latest = {**trainer.evaluate(linear=epoch == epochs and linear_at_end), "eval_epoch": epoch}
-            metrics["eval_seconds"] = time.perf_counter() - start
-            improved = latest["knn_top1"] > run["best_knn_top1"]
-            run["best_knn_top1"] = max(run["best_knn_top1"], latest["knn_top1"])
+            measured = trainer.evaluate(linear=epoch == epochs and linear_at_end)
+            if evaluated:
+                latest = {**measured, "eval_epoch": epoch}
+                metrics["eval_seconds"] = time.perf_counter() - start
+                improved = latest["knn_top1"] > run["best_knn_top1"]
+                run["best_knn_top1"] = max(run["best_knn_top1"], latest["knn_top1"])
         metrics = {**latest, **metrics, **_summary(run)}
         if rank0:
             log(format_metrics(metrics, epochs))

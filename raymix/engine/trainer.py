@@ -8,6 +8,7 @@ object on each worker. ``training.batch_size`` is the global batch; each of the
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from tqdm import tqdm
 from raymix import dist
 from raymix.config import Config
 from raymix.data import BatchLoader, FolderData, ImageData, TwoViewAugment, build_datasets, normalize
+from raymix.data.folder import CropSpec
+from raymix.engine.features import stratified_subset, subset_view, unshard
 from raymix.engine.knn import knn_accuracies
 from raymix.engine.linear import linear_probe_ensemble
 from raymix.engine.optim import Schedules, build_optimizer
@@ -78,17 +81,19 @@ class Trainer:
         seed = cfg.training.seed
 
         self.train_data, self.test_data = data if data is not None else build_datasets(cfg.data)
+        torch.manual_seed(seed)  # identical initial weights on every rank
+        self.method: Method = build_method(cfg).to(self.device)
         local_batch = cfg.training.batch_size // world_size
+        # Image folders cut each view's crop from the full image while decoding.
+        crops = CropSpec(cfg.augment.crop_scale, cfg.augment.crop_ratio, self.method.num_views, seed)
         self.train_loader = BatchLoader(
             self.train_data, local_batch, shuffle=True, drop_last=True, seed=seed,
             rank=rank, world_size=world_size, device=self.device, num_workers=cfg.data.loader_workers,
+            prefetch=cfg.data.prefetch, crops=crops, decode=cfg.data.decode,
         )  # fmt: skip
         self.augment = TwoViewAugment(
             cfg.augment, cfg.data.image_size, self.train_data.mean, self.train_data.std
         )
-
-        torch.manual_seed(seed)  # identical initial weights on every rank
-        self.method: Method = build_method(cfg).to(self.device)
         self.method.check_data(len(self.train_loader) * local_batch, self.train_data.num_classes)
         self.channels_last = cfg.training.channels_last
         if world_size > 1:
@@ -191,12 +196,33 @@ class Trainer:
         finally:
             module.train(was_training)
 
+    @functools.cached_property
+    def eval_train_data(self) -> Any:
+        """The training images evaluation encodes for the kNN bank and the linear probe: all of
+        them, or with ``eval.knn_train_subset`` (smaller than the training set) a fixed,
+        class-stratified subset of that many, drawn from the labels with ``training.seed``
+        before any image is decoded (the same subset on every rank and at every evaluation)."""
+        size = self.cfg.eval.knn_train_subset
+        if size is None or size >= len(self.train_data):
+            return self.train_data
+        indices = stratified_subset(self.train_data.labels, size, self.cfg.training.seed)
+        return subset_view(self.train_data, indices)
+
     @torch.no_grad()
     def features(self, data: Any, encoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (N, D) float32 of every image of ``data`` (no augmentation) and labels, from
-        ``encoder`` (default: the evaluated backbone)."""
+        """Features (N, D) float32 of every image of ``data`` (no augmentation) and their labels
+        (N,), in dataset order, from ``encoder`` (default: the evaluated backbone).
+
+        A collective when distributed: each rank encodes only its shard (the strided indices
+        ``rank::world_size``) and the shards are gathered to every rank and put back in dataset
+        order, so every rank must call it, and each gets what one process computes alone.
+        """
         encoder = encoder or self.method.eval_backbone()
-        loader = BatchLoader(data, EVAL_BATCH, shuffle=False, drop_last=False, device=self.device)
+        loader = BatchLoader(
+            data, EVAL_BATCH, shuffle=False, drop_last=False, rank=self.rank, world_size=self.world_size,
+            device=self.device, num_workers=self.cfg.data.loader_workers, prefetch=self.cfg.data.prefetch,
+            persistent=False,  # the decoding processes end with the pass
+        )  # fmt: skip
         feats, labels = [], []
         with self._eval_mode(encoder):
             for images, targets in loader:
@@ -204,13 +230,26 @@ class Trainer:
                 with self.autocast():
                     feats.append(encoder(x).float())
                 labels.append(targets)
-        return torch.cat(feats), torch.cat(labels)
+        # A rank may hold no image at all (fewer images than ranks); the gather fills in D.
+        shard_x = torch.cat(feats) if feats else torch.empty(0, 0, device=self.device)  # (n_rank, D)
+        shard_y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64, device=self.device)
+        return unshard(dist.all_gather_uneven(shard_x)), unshard(dist.all_gather_uneven(shard_y))
 
     def evaluate(self, linear: bool = False) -> dict[str, float]:
-        """kNN top-1 for each configured k (``knn_top1`` is the first k); linear probe if asked."""
+        """kNN top-1 for each configured k (``knn_top1`` is the first k); linear probe if asked.
+
+        A collective when distributed: every rank must call it, with the same ``linear``. All
+        ranks extract features of their shards (:meth:`features`); rank 0 alone then runs the
+        kNN and the probe and returns the metrics, the other ranks return ``{}``. The kNN bank
+        and the probe's training set are :attr:`eval_train_data`.
+        """
         cfg = self.cfg.eval
-        train_x, train_y = self.features(self.train_data)
+        train_data = self.eval_train_data
+        train_x, train_y = self.features(train_data)
         test_x, test_y = self.features(self.test_data)
+        extra = self._probe_features(train_data) if linear else ([], [])  # before any rank-0 work
+        if self.rank != 0:
+            return {}
         accs = knn_accuracies(
             train_x, train_y, test_x, test_y, ks=cfg.knn_k, temperature=cfg.knn_temperature,
             chunk_size=cfg.knn_chunk_size,
@@ -218,20 +257,39 @@ class Trainer:
         metrics = {f"knn_top1_k{k}": acc for k, acc in accs.items()}
         metrics["knn_top1"] = accs[cfg.knn_k[0]]
         if linear:
-            metrics.update(self.linear_metrics(train_x, train_y, test_x, test_y))
+            metrics.update(self.linear_metrics(train_x, train_y, test_x, test_y, extra=extra))
         return metrics
 
+    def _probe_features(self, train_data: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(train, test) features of each probed encoder after the backbone (a collective)."""
+        encoders = list(self.method.probe_encoders().values())[1:]
+        trains = [self.features(train_data, encoder)[0] for encoder in encoders]
+        tests = [self.features(self.test_data, encoder)[0] for encoder in encoders]
+        return trains, tests
+
     def linear_metrics(
-        self, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
+        self,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        test_x: torch.Tensor,
+        test_y: torch.Tensor,
+        *,
+        extra: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> dict[str, float]:
-        """``linear_top1_best``/``_last`` of the backbone (features given); with a method that has
-        more encoders (SelfCon's exits), ``linear_<name>_top1_*`` of each and of their ensemble."""
+        """``linear_top1_best``/``_last`` of the backbone (features given, of
+        :attr:`eval_train_data` and the test set); with a method that has more encoders
+        (SelfCon's exits), ``linear_<name>_top1_*`` of each and of their ensemble.
+
+        ``extra``: the other encoders' (train, test) features when the caller has them; else
+        they are extracted here, a collective every rank must call. The probe itself runs on
+        rank 0; other ranks return ``{}``.
+        """
         cfg = self.cfg.eval
         encoders = self.method.probe_encoders()
-        trains, tests = [train_x], [test_x]
-        for encoder in list(encoders.values())[1:]:
-            trains.append(self.features(self.train_data, encoder)[0])
-            tests.append(self.features(self.test_data, encoder)[0])
+        extra_trains, extra_tests = extra if extra is not None else self._probe_features(self.eval_train_data)
+        if self.rank != 0:
+            return {}
+        trains, tests = [train_x, *extra_trains], [test_x, *extra_tests]
         results, ensemble = linear_probe_ensemble(
             trains, train_y, tests, test_y, epochs=cfg.linear_epochs, lr=cfg.linear_lr,
             batch_size=cfg.linear_batch_size, seed=self.cfg.training.seed,

@@ -97,12 +97,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """
     from raymix.engine.loop import train_loop  # torch and timm load in the workers only
     from raymix.engine.trainer import Trainer
+    from raymix.integrations.ray_data import use_ray_data
 
     cfg = config_from_dict(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     data = loop_config.get("data")
     datasets = ray.get(data) if data is not None else None
     trainer = Trainer(cfg, device=ray.train.torch.get_device(), data=datasets)
+    use_ray_data(trainer)  # data.loader=ray: the same batches, decoded by Ray Data tasks
     train_loop(
         trainer,
         _restore(trainer.device),

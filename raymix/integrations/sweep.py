@@ -169,7 +169,9 @@ def trial_with_train(
 
 
 def in_process(cfg: Config) -> bool:
-    return cfg.scaling.num_workers == 1 and cfg.scaling.backend != "ray"
+    """A trial trains in its own process; else through Ray Train (several workers,
+    ``scaling.backend=ray`` or Ray Data decoding with ``data.loader=ray``)."""
+    return cfg.scaling.num_workers == 1 and cfg.scaling.backend != "ray" and cfg.data.loader != "ray"
 
 
 def trial_resources(sweep: Sweep) -> dict[str, float]:

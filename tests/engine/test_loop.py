@@ -1,12 +1,13 @@
 """The one epoch loop: evaluation and checkpoint cadence, what each epoch reports."""
 
 import json
+import math
 
 import pytest
 
 from raymix.config import load_config
 from raymix.engine.checkpoint import load_checkpoint
-from raymix.engine.loop import Cadence, EpochEnd, fresh, train_loop
+from raymix.engine.loop import EVAL_PREFIXES, Cadence, EpochEnd, fresh, train_loop
 from raymix.engine.run import fit
 from raymix.engine.trainer import Trainer
 
@@ -65,13 +66,22 @@ def test_the_loop_evaluates_and_checkpoints_only_at_its_cadence():
     assert metrics["epoch"] == 5 and metrics["eval_epoch"] == 5
 
 
-def test_other_ranks_neither_evaluate_nor_build_states():
-    trainer = Counting(load_config(None, [*TINY, "training.epochs=2"]))
+def test_other_ranks_take_part_in_evaluations_but_neither_report_them_nor_build_states():
+    trainer = Counting(load_config(None, [*TINY, "training.epochs=2", "training.eval_every=0"]))
     ends: list[EpochEnd] = []
-    train_loop(trainer, None, ends.append, rank0=False, log=lambda line: None)
-    assert not getattr(trainer, "evaluations", [])
+    train_loop(trainer, None, ends.append, extra=[1], rank0=False, log=lambda line: None)
+    assert trainer.evaluations == [0, 1, 2]  # a collective: at rank 0's epochs exactly
     assert [e.kind for e in ends] == ["epoch", "epoch"]
     assert all(e.state is None and not e.evaluated for e in ends)
+    measured = [
+        k for e in ends for k in e.metrics if k in ("knn_top1", "eval_epoch") or k.startswith(EVAL_PREFIXES)
+    ]
+    assert not measured
+    assert all(math.isnan(e.metrics["knn_top1_init"]) for e in ends)
+    ends.clear()  # a finished run started again evaluates once more on every rank, reports nothing
+    final = train_loop(trainer, trainer.state_dict() | {"run": {}}, ends.append, rank0=False)
+    assert trainer.evaluations == [0, 1, 2, 2] and [e.kind for e in ends] == ["repeat"]
+    assert not ends[0].evaluated and "knn_top1" not in final
 
 
 def test_fit_writes_measured_values_and_checkpoints_at_its_cadence(tmp_path):
