@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/ruff format --check raymix tests benchmarks
 	$(BIN)/mypy raymix
 
-# The CPU benchmarks (about 90 minutes on 2 cores, 40 minutes of it search_efficiency); each writes benchmarks/results/*.json.
+# The CPU benchmarks (about 95 minutes on 2 cores, 40 minutes of it search_efficiency); each writes benchmarks/results/*.json.
 bench: install
 	$(BIN)/python benchmarks/method_step.py
 	$(BIN)/python benchmarks/step_cost.py
@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/trial_overhead.py
 	$(BIN)/python benchmarks/ray_startup.py
+	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/search_efficiency.py
 
 clean:

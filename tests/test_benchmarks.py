@@ -126,3 +126,29 @@ def test_knn_speed_without_ray(tmp_path):
     assert record["options"]["train"] == 500 and "out" not in record["options"]
     assert record["rows"][0]["backend"] == "cpu" and record["rows"][0]["seconds"] > 0
     assert "| cpu" in out
+
+def test_data_pipeline_without_ray(tmp_path):
+    out = run_bare(
+        "data_pipeline.py", "--images", "12", "--classes", "3", "--batch-size", "4", "--workers", "1",
+        "--repeats", "1", "--warmup", "1", "--skip-ray", "--cache", str(tmp_path / "cache"),
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    record = json.loads((tmp_path / "data_pipeline.json").read_text())
+    assert "data_pipeline.json" in out and record["folder"]["images"] == 12
+    assert len(list((tmp_path / "cache").glob("raymix-data-pipeline-*/train/class_*/*.jpg"))) == 12
+    rows = {r["arm"]: r for r in record["rows"]}
+    assert set(rows) == {
+        "previous",
+        "raymix_cpu",
+        "raymix_cpu_no_draft",
+        "reference",
+        "raymix_device_decode_cpu",
+    }
+    for r in rows.values():
+        assert r["images_per_epoch"] == 12 and r["images_per_second"] > 0 and r["cores"] == 1
+    assert rows["raymix_cpu"]["output"].startswith("(4, 2, 3, 224, 224) uint8")
+    assert rows["previous"]["output"].startswith("(4, 3, 224, 224) uint8")
+    assert record["ray"]["measured"] is False and record["gpu"]["measured"] is torch.cuda.is_available()
+    assert "1" in record["goals"]["raymix_cpu_over_reference_per_core"]
+    for r in rows.values():  # CPU seconds from /proc (None where there is none, or too few ticks)
+        assert r["images_per_cpu_second"] is None or r["images_per_cpu_second"] > 0

@@ -212,7 +212,8 @@ def decode_crops(
             for left, top, w, h in boxes
         ]
     stacked = np.stack([np.asarray(crop) for crop in crops])  # (V, S, S, 3)
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), boxes
+    # A channels-first view, not a copy: batching copies it into place.
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2), boxes
 
 
 class FolderData(torch.utils.data.Dataset):

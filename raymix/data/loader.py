@@ -6,6 +6,7 @@ its own share, and a resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,15 +48,25 @@ class _EpochBatches:
     DataLoader (and its persistent processes) is built once per run, not once per epoch."""
 
     def __init__(self, loader: BatchLoader) -> None:
-        self.loader = loader
+        # A weak reference: a dropped BatchLoader frees its DataLoader (and ends its processes)
+        # at once instead of waiting for the garbage collector to break a cycle.
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> BatchLoader:
+        loader = self._loader()
+        if loader is None:
+            raise RuntimeError("the BatchLoader of this sampler no longer exists")
+        return loader
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[list[Any]]:
-        epoch = self.loader.epoch
-        keyed = self.loader.crops is not None
-        for idx in self.loader._batches():
+        loader = self.loader
+        epoch = loader.epoch
+        keyed = loader.crops is not None
+        for idx in loader._batches():
             yield [(i, epoch) for i in idx.tolist()] if keyed else idx.tolist()
 
 
