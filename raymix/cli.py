@@ -95,7 +95,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     tune.add_argument("--name", help="sweep name (default: the space's name, else the file's stem)")
-    tune.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+    # Sweep controls: each replaces the space's own key (parsed and checked in _sweep_controls).
+    tune.add_argument(
+        "--num-samples", metavar="N", help="number of trials (default: the space's num_samples)"
+    )
+    tune.add_argument(
+        "--max-concurrent", metavar="N",
+        help="trials running at once (default: the space's max_concurrent_trials, else as many as "
+        "the cluster holds at most, counting nodes its autoscaler may add)",
+    )  # fmt: skip
+    tune.add_argument(
+        "--gpus-per-trial", metavar="X",
+        help="single-worker GPU trials (scaling.use_gpu=true): the share of one GPU each takes, "
+        "0 < X <= 1; 0.25 packs four trials on a GPU (default: the space's gpus_per_trial, else 1)",
+    )  # fmt: skip
+    tune.add_argument(
+        "--time-budget", metavar="DURATION",
+        help="stop the sweep after this long (seconds, or 90s, 30m, 2h, 1h30m): running trials are "
+        "stopped, finished ones kept (default: the space's time_budget, else none)",
+    )  # fmt: skip
+    tune.add_argument(
+        "--stop", action="append", metavar="METRIC=VALUE",
+        help="stop the sweep once a trial reaches VALUE of the sweep's metric (>= for mode max, "
+        "<= for min), e.g. --stop knn_top1=0.9 (default: the space's stop)",
+    )  # fmt: skip
+    tune.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="the Optuna study's storage, for optuna-dashboard: an RDB URL (sqlite:///optuna.db, "
+        "postgresql://...), a journal file, or memory (default: searcher.storage, else "
+        "<sweep folder>/optuna.journal)",
+    )
 
     submit = sub.add_parser(
         "submit",
@@ -201,14 +231,76 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(flag: str, text: str, what: str) -> int:
+    from raymix.config import MAX_COUNT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text}: expected a whole number of {what}, at least 1") from None
+    if value < 1:
+        raise ConfigError(f"{flag} {text}: must be at least 1")
+    if value > MAX_COUNT:
+        raise ConfigError(f"{flag} {text}: must be at most {MAX_COUNT}")
+    return value
+
+
+def _sweep_controls(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep controls given as flags, as space keys; bad values name the flag."""
+    import math
+
+    from raymix.integrations.search_space import DURATION_HELP, MAX_TIME_BUDGET_S, parse_duration
+
+    controls: dict[str, Any] = {}
+    if args.num_samples is not None:
+        controls["num_samples"] = _count("--num-samples", args.num_samples, "trials")
+    if args.max_concurrent is not None:
+        controls["max_concurrent_trials"] = _count("--max-concurrent", args.max_concurrent, "trials")
+    if args.gpus_per_trial is not None:
+        try:
+            share = float(args.gpus_per_trial)
+        except ValueError:
+            share = math.nan
+        if not 0 < share <= 1:
+            raise ConfigError(
+                f"--gpus-per-trial {args.gpus_per_trial}: expected a share of one GPU, 0 < X <= 1 "
+                "(e.g. 0.5: two trials per GPU)"
+            )
+        controls["gpus_per_trial"] = share
+    if args.time_budget is not None:
+        try:
+            budget = parse_duration(args.time_budget)
+        except ValueError:
+            budget = 0.0
+        if not 0 < budget <= MAX_TIME_BUDGET_S:
+            raise ConfigError(
+                f"--time-budget {args.time_budget}: expected {DURATION_HELP}, more than 0 and at most a year"
+            )
+        controls["time_budget"] = budget
+    if args.stop:
+        targets: dict[str, float] = {}
+        for item in args.stop:
+            metric, _, text = item.partition("=")
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not metric.strip() or not math.isfinite(value):
+                raise ConfigError(
+                    f"--stop {item}: expected METRIC=VALUE with a number, e.g. --stop knn_top1=0.9"
+                )
+            targets[metric.strip()] = value
+        controls["stop"] = targets
+    return controls
+
+
 def _tune(args: argparse.Namespace) -> int:
     from raymix.integrations.sweep import run_sweep
 
-    if args.num_samples is not None and args.num_samples < 1:
-        raise ConfigError(f"--num-samples {args.num_samples}: must be at least 1")
     board = run_sweep(
-        args.space, args.overrides, name=args.name, resume=args.resume, num_samples=args.num_samples
-    )
+        args.space, args.overrides, name=args.name, resume=args.resume,
+        optuna_storage=args.optuna_storage, controls=_sweep_controls(args),
+    )  # fmt: skip
     best = board.best_row()
     unfinished = [row for row in board.rows if row.outcome not in ("completed", "pruned", "failed")]
     if unfinished:

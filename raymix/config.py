@@ -236,6 +236,31 @@ METHOD_CONFIGS: dict[str, type[Section]] = {
 }
 METHOD_NAMES = tuple(METHOD_CONFIGS)
 DEFAULT_METHOD = "moco"
+
+#: Keys whose value may change in the middle of a run: when a run resumes from its checkpoint
+#: with a new value, and when Population Based Training hands a trial another trial's
+#: checkpoint with perturbed values. None of them is in the state a checkpoint holds: the
+#: trainer reads each from the config it is rebuilt with (the optimiser's schedules every
+#: step, the method's loss and mixing settings as plain attributes). A ``method.*`` key
+#: applies to the methods whose section has it.
+MUTABLE_KEYS: tuple[str, ...] = (
+    "optim.lr",
+    "optim.min_lr",
+    "optim.weight_decay",
+    "optim.weight_decay_end",
+    "optim.grad_clip",
+    "method.temperature",  # every method
+    "method.mix_prob",  # patchmix
+    "method.mixed_weight",
+    "method.smoothing_oo",
+    "method.smoothing_mixed",
+    "method.prob_global",  # unmix
+    "method.beta",
+    "method.num_neighbors",  # snclr
+    "method.weighting",
+    "method.threshold",
+    "method.detach_weights",
+)
 MethodConfig = Annotated[
     MocoConfig | PatchMixConfig | UnmixConfig | SnclrConfig | SelfconConfig, Field(discriminator="name")
 ]

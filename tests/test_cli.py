@@ -126,8 +126,9 @@ def test_running_again_resumes_instead_of_restarting(digits_run, capsys):
     )
     assert "resuming" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text() == before
-    assert main(["train", str(DIGITS), "training.epochs=6", "optim.lr=1", f"training.output_dir={out}"]) == 2
-    assert "different config (optim.lr)" in capsys.readouterr().err
+    changed = ["training.epochs=6", "optim.lr_scaling=none", f"training.output_dir={out}"]
+    assert main(["train", str(DIGITS), *changed]) == 2
+    assert "different config (optim.lr_scaling)" in capsys.readouterr().err
 
 
 def test_backend_choice(monkeypatch):

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from raymix.config import Config, ConfigError
+from raymix.config import MUTABLE_KEYS, Config, ConfigError
 from raymix.engine.checkpoint import (
     CheckpointError,
     check_writable,
@@ -61,10 +61,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring resumable ones."""
+    """Dotted keys whose values differ between two config dicts, ignoring resumable ones.
+
+    Resumable: the keys of :data:`RESUMABLE_CHANGES` (prefixes), which leave the trajectory
+    alone, and the hyperparameters of :data:`raymix.config.MUTABLE_KEYS` (exact keys), which
+    a resumed run takes up from its next step: a run may continue with a new learning rate
+    or temperature, as Population Based Training does with the checkpoints it hands on.
+    """
     a, b = flatten(old), flatten(new)
     changed = [key for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
-    return [key for key in changed if not key.startswith(RESUMABLE_CHANGES)]
+    return [key for key in changed if not key.startswith(RESUMABLE_CHANGES) and key not in MUTABLE_KEYS]
 
 
 def resume_state(cfg: Config) -> dict[str, Any] | None:

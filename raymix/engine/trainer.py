@@ -83,6 +83,12 @@ class Trainer:
         self.train_data, self.test_data = data if data is not None else build_datasets(cfg.data)
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.method: Method = build_method(cfg).to(self.device)
+        #: Model sizes, reported with every epoch (a cost a multi-objective sweep can minimise):
+        #: the evaluated encoder's parameters, and every parameter the optimiser trains.
+        self.sizes = {
+            "encoder_params": sum(p.numel() for p in self.method.eval_backbone().parameters()),
+            "model_params": sum(p.numel() for p in self.method.parameters() if p.requires_grad),
+        }
         local_batch = cfg.training.batch_size // world_size
         # Image folders cut each view's crop from the full image while decoding.
         crops = CropSpec(cfg.augment.crop_scale, cfg.augment.crop_ratio, self.method.num_views, seed)
@@ -183,6 +189,7 @@ class Trainer:
         metrics["train_seconds"] = self.train_seconds
         global_batch = self.train_loader.batch_size * self.world_size
         metrics["images_per_second"] = self.steps_per_epoch * global_batch / seconds
+        metrics.update(self.sizes)
         return metrics
 
     # ------------------------------------------------------------------ evaluation

@@ -3,14 +3,23 @@
 Trials are ranked by their last reported value of the sweep's metric (the value at the
 epoch they ended: the last one, or the one where ASHA stopped them); failed trials and
 trials without a value come last. Works on a finished or an interrupted sweep.
+
+A multi-objective sweep (``objectives`` in the space) also has a Pareto front: the completed
+trials no other completed trial dominates (as good on every objective, better on one; as
+Optuna's ``study.best_trials``). Its members rank first, by the first objective; the best
+config is the front's best on the first objective. ``leaderboard.csv`` has every objective
+and a ``pareto`` column, ``pareto_front.csv`` the front alone, ``plots/pareto_front.png`` the
+trade-off.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +29,9 @@ import ray
 import yaml
 from ray.tune import ExperimentAnalysis
 
+from raymix.engine.loop import fresh
 from raymix.integrations.search_space import (
+    Objective,
     SearchSpace,
     config_for,
     decode_point,
@@ -31,7 +42,9 @@ from raymix.integrations.search_space import (
 SWEEP_FILE = "sweep.yaml"  # the resolved space and base config a sweep started with
 LEADERBOARD_FILE = "leaderboard.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
+PARETO_FILE = "pareto_front.csv"  # multi-objective sweeps: the front's trials
 PLOTS = ("optimization_history", "parallel_coordinate", "param_importances")
+PARETO_PLOT = "pareto_front"
 
 
 # ---------------------------------------------------------------- files on a path or URI
@@ -72,6 +85,12 @@ class Row:
     best: float  # the best value over its reports
     point: dict[str, Any]  # decoded sampled values
     error: str = ""
+    values: dict[str, float] = field(default_factory=dict)  # every objective at the last report
+    history: dict[int, float] = field(default_factory=dict)  # epoch -> the metric measured then
+
+    def value(self, metric: str) -> float:
+        """An objective's value at the trial's last report (nan: none)."""
+        return self.values.get(metric, math.nan)
 
 
 @dataclass
@@ -85,12 +104,33 @@ class Board:
     def metric(self) -> str:
         return self.space.metric
 
+    @property
+    def objectives(self) -> list[Objective]:
+        return self.space.targets
+
+    def objective_values(self, row: Row) -> list[float]:
+        """The row's value of every objective (the first is :attr:`Row.last`)."""
+        return [row.last if o.metric == self.metric else row.value(o.metric) for o in self.objectives]
+
+    def front(self) -> list[Row]:
+        """Multi-objective sweeps: the Pareto front of the completed trials (none otherwise)."""
+        if not self.space.multi_objective:
+            return []
+        signs = [1.0 if o.mode == "max" else -1.0 for o in self.objectives]
+        scored = [
+            (row, [s * v for s, v in zip(signs, self.objective_values(row), strict=True)])
+            for row in self.rows
+            if row.outcome == "completed" and all(math.isfinite(v) for v in self.objective_values(row))
+        ]
+        return [row for row, mine in scored if not any(dominates(other, mine) for _, other in scored)]
+
     def ranked(self) -> list[Row]:
         sign = -1.0 if self.space.mode == "max" else 1.0
+        on_front = {row.trial_id for row in self.front()}
 
-        def key(row: Row) -> tuple[int, float]:
+        def key(row: Row) -> tuple[int, int, float]:
             missing = row.outcome == "failed" or math.isnan(row.last)
-            return (int(missing), 0.0 if missing else sign * row.last)
+            return (int(missing), int(row.trial_id not in on_front), 0.0 if missing else sign * row.last)
 
         return sorted(self.rows, key=key)
 
@@ -107,26 +147,54 @@ class Board:
         raw["training"]["output_dir"] = None
         return raw
 
+    def _others(self) -> list[str]:
+        """The objectives besides the metric (multi-objective sweeps)."""
+        return [o.metric for o in self.objectives if o.metric != self.metric]
+
     def csv(self) -> str:
+        keys = sorted(self.space.params)
+        multi = self.space.multi_objective
+        others = self._others()
+        on_front = {row.trial_id for row in self.front()}
+        out = io.StringIO()
+        writer = csv.writer(out)
+        extra = [*others, "pareto"] if multi else []
+        scores = [self.metric, f"best_{self.metric}", *extra]
+        writer.writerow(["rank", "trial_id", "outcome", "epochs", *scores, *keys, "error"])
+        for i, row in enumerate(self.ranked(), 1):
+            values = [row.point.get(k, "") for k in keys]
+            cells = [*(row.value(m) for m in others), row.trial_id in on_front] if multi else []
+            writer.writerow(
+                [i, row.trial_id, row.outcome, row.epochs, row.last, row.best, *cells, *values, row.error]
+            )
+        return out.getvalue()
+
+    def pareto_csv(self) -> str:
+        """The front's trials: their objectives and sampled values (multi-objective sweeps)."""
         keys = sorted(self.space.params)
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(
-            ["rank", "trial_id", "outcome", "epochs", self.metric, f"best_{self.metric}", *keys, "error"]
-        )
-        for i, row in enumerate(self.ranked(), 1):
-            values = [row.point.get(k, "") for k in keys]
-            writer.writerow(
-                [i, row.trial_id, row.outcome, row.epochs, row.last, row.best, *values, row.error]
-            )
+        writer.writerow(["trial_id", *(o.metric for o in self.objectives), *keys])
+        on_front = {row.trial_id for row in self.front()}
+        for row in self.ranked():
+            if row.trial_id in on_front:
+                values = [row.point.get(k, "") for k in keys]
+                writer.writerow([row.trial_id, *self.objective_values(row), *values])
         return out.getvalue()
 
     def format(self) -> str:
         keys = sorted(self.space.params)
-        header = ["#", "trial", "outcome", "ep", self.metric, *keys]
+        multi = self.space.multi_objective
+        others = self._others()
+        on_front = {row.trial_id for row in self.front()}
+        header = ["#", "trial", "outcome", "ep", self.metric, *others, *(["pareto"] if multi else []), *keys]
         lines = [header]
         for i, row in enumerate(self.ranked(), 1):
             shown = "-" if math.isnan(row.last) else f"{row.last:.4f}"
+            extra = [
+                *("-" if math.isnan(row.value(m)) else _short(row.value(m)) for m in others),
+                "*" if row.trial_id in on_front else "",
+            ]
             lines.append(
                 [
                     str(i),
@@ -134,13 +202,35 @@ class Board:
                     row.outcome,
                     str(row.epochs),
                     shown,
+                    *(extra if multi else []),
                     *(_short(row.point.get(k, "")) for k in keys),
                 ]
             )
         widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
-        return "\n".join(
+        table = "\n".join(
             "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
         )
+        return f"{table}\n{self.front_summary()}" if multi else table
+
+    def front_summary(self) -> str:
+        """What the Pareto front is and how the best config was picked (multi-objective sweeps)."""
+        goals = ", ".join(f"{o.metric} ({o.mode})" for o in self.objectives)
+        front = self.front()
+        if not front:
+            return (
+                f"Pareto front on {goals}: none yet (no completed trial reported every objective); "
+                f"the best config is the best trial on {self.metric}"
+            )
+        completed = sum(row.outcome == "completed" for row in self.rows)
+        return (
+            f"Pareto front on {goals}: {len(front)} of {completed} completed trials (pareto *, "
+            f"{PARETO_FILE}); the best config is the front's best on {self.metric}"
+        )
+
+
+def dominates(a: list[float], b: list[float]) -> bool:
+    """``a`` Pareto-dominates ``b`` (values signed so that larger is better)."""
+    return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
 
 
 def _short(value: Any) -> str:
@@ -209,6 +299,12 @@ def load(sweep_path: str) -> Board:
             values = [float(v) for v in frame[space.metric].dropna()]
         epochs = int(frame["epoch"].max()) if frame is not None and values and "epoch" in frame.columns else 0
         pick = max if space.mode == "max" else min
+        last = {}
+        for o in space.targets:
+            if frame is not None and o.metric in getattr(frame, "columns", []):
+                column = frame[o.metric].dropna()
+                if len(column):
+                    last[o.metric] = float(column.iloc[-1])
         board.rows.append(
             Row(
                 trial_id=trial.trial_id,
@@ -218,9 +314,23 @@ def load(sweep_path: str) -> Board:
                 best=pick(values) if values else math.nan,
                 point=decode_point(space, dict(trial.config)),
                 error=trial_error(trial) if trial.status == "ERROR" else "",
+                values=last,
+                history=_history(frame, space.metric),
             )
         )
     return board
+
+
+def _history(frame: Any, metric: str) -> dict[int, float]:
+    """Epoch -> the metric, at the epochs it was measured (not repeated from an earlier one)."""
+    if frame is None or metric not in getattr(frame, "columns", []) or "epoch" not in frame.columns:
+        return {}
+    found: dict[int, float] = {}
+    for record in frame.to_dict("records"):
+        value = fresh(record).get(metric)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            found[int(record["epoch"])] = float(value)
+    return found
 
 
 # ---------------------------------------------------------------- outputs
@@ -244,23 +354,50 @@ def plots(board: Board, folder: Path) -> dict[str, str]:
         else:
             dists[key] = FloatDistribution(float(p.low or 0.0), float(p.high or 0.0), log=p.log, step=p.step)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if board.space.mode == "max" else "minimize")
-
+    multi = board.space.multi_objective
+    directions = [
+        optuna.study.StudyDirection.MAXIMIZE if o.mode == "max" else optuna.study.StudyDirection.MINIMIZE
+        for o in board.objectives
+    ]
+    study = optuna.create_study(directions=directions)
+    State = optuna.trial.TrialState
+    # Trials the scheduler stopped are PRUNED, with the values they had when stopped: Optuna's
+    # history and importances then use completed trials only, as the study itself does.
     for row in board.rows:
-        if math.isnan(row.last) or row.outcome == "failed":
+        if row.outcome not in ("completed", "pruned") or math.isnan(row.last):
+            continue
+        values = board.objective_values(row)
+        complete = row.outcome == "completed"
+        if complete and not all(math.isfinite(v) for v in values):
             continue
         params = encode_point(board.space, row.point)
         study.add_trial(
             optuna.trial.create_trial(
-                params=params, distributions={k: dists[k] for k in params}, value=row.last
+                params=params,
+                distributions={k: dists[k] for k in params},
+                state=State.COMPLETE if complete else State.PRUNED,
+                values=values if complete else None,
+                intermediate_values=None if multi else row.history or {row.epochs: row.last},
             )
         )
+    if not any(t.state == State.COMPLETE for t in study.trials):
+        return {name: "no completed trial" for name in (*PLOTS, *([PARETO_PLOT] if multi else []))}
+    first: dict[str, Any] = {"target": lambda t: t.values[0], "target_name": board.metric} if multi else {}
+    drawn: dict[str, Callable[[], Any]] = {
+        name: functools.partial(getattr(optuna.visualization.matplotlib, f"plot_{name}"), study, **first)
+        for name in PLOTS
+    }
+    if multi:
+        names = [o.metric for o in board.objectives]
+        drawn[PARETO_PLOT] = functools.partial(
+            optuna.visualization.matplotlib.plot_pareto_front, study, target_names=names
+        )
     skipped: dict[str, str] = {}
-    for name in PLOTS:
+    for name, draw in drawn.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                axes = getattr(optuna.visualization.matplotlib, f"plot_{name}")(study)
+                axes = draw()
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             figure.set_size_inches(10, 6)
             figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
@@ -276,6 +413,8 @@ def render(board: Board, folder: Path) -> dict[str, str]:
     Returns {plot: reason} for plots that could not be drawn (e.g. importances of one trial).
     """
     (folder / LEADERBOARD_FILE).write_text(board.csv())
+    if board.space.multi_objective:
+        (folder / PARETO_FILE).write_text(board.pareto_csv())
     if board.best_row() is not None:
         (folder / BEST_CONFIG_FILE).write_text(yaml.safe_dump(board.best_config(), sort_keys=False))
     (folder / "plots").mkdir(exist_ok=True)

@@ -1,4 +1,5 @@
-"""Sweeps: Ray Tune with Optuna (TPE or random) and ASHA over the engine.
+"""Sweeps: Ray Tune with Optuna (TPE, NSGA-II or random; its study in a storage optuna-dashboard
+reads, see :mod:`raymix.integrations.study`) and ASHA over the engine.
 
 ``raymix tune SPACE.yaml`` runs :func:`run_sweep`. Every trial is one point of the space
 (see :mod:`raymix.integrations.search_space`) trained by one of two trainables:
@@ -31,22 +32,19 @@ import ray
 import ray.tune
 import torch
 import yaml
-from optuna.samplers import RandomSampler, TPESampler
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 
-from raymix.config import Config, ConfigError, check_name
+from raymix.config import Config, ConfigError
 from raymix.engine.checkpoint import first_missing, load_checkpoint
 from raymix.engine.loop import EpochEnd, train_loop
 from raymix.engine.run import config_changes
-from raymix.integrations import cluster, leaderboard, ray_train, tracking
+from raymix.integrations import capacity, cluster, leaderboard, pbt, ray_train, stopping, study, tracking
+from raymix.integrations.plan import Sweep, prepare
 from raymix.integrations.search_space import (
     SearchSpace,
     SearchSpaceError,
-    config_for,
     encode_point,
-    load_search_space,
     sample,
     trial_config,
 )
@@ -55,71 +53,31 @@ TRAIN_FOLDER = "train"
 TRIAL_DRIVER_CPU = 0.01  # the Tune process of a Ray Train trial only waits; Tune refuses 0
 
 
-@dataclass(frozen=True)
-class Sweep:
-    space: SearchSpace
-    base: dict[str, Any]
-    source: str  # the space file
-    storage_path: str
-    name: str
-    storage_given: bool = True  # False: the local default ./sweeps, refused on multi-node clusters
-
-    @property
-    def path(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
-
-    @property
-    def config(self) -> Config:
-        """The base config (what every trial starts from)."""
-        return config_for(self.base, {})
-
-    def resolved(self) -> dict[str, Any]:
-        """What defines the sweep: the space and its base config (saved as ``sweep.yaml``)."""
-        return {"space": self.space.model_dump(mode="json"), "base": self.base}
-
-
-def prepare(
-    space_path: str | Path,
-    overrides: list[str] | None = None,
-    name: str | None = None,
-    num_samples: int | None = None,
-) -> Sweep:
-    """Load and check the space; resolve the sweep's folder and the data root to absolute paths."""
-    space, base = load_search_space(space_path, overrides)
-    if num_samples is not None:
-        space = space.model_copy(update={"num_samples": num_samples})
-    cfg = ray_train.absolute_paths(config_for(base, {}))
-    if cfg.data.root:
-        base = {**base, "data": {**base.get("data", {}), "root": cfg.data.root}}
-    given = cluster.storage_override() or space.storage_path
-    storage = given or "sweeps"
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    if name is not None:
-        stem = check_name(name, "--name")
-    elif space.name is not None:
-        stem = space.name
-    else:
-        stem = check_name(Path(space_path).stem, "the space file's stem (set --name)")
-    return Sweep(space, base, str(Path(space_path).resolve()), storage, stem, storage_given=bool(given))
-
-
 # ---------------------------------------------------------------- the trials
 
 
-def _tune_report(end: EpochEnd) -> None:
+def _tune_report(end: EpochEnd, extra: dict[str, Any] | None = None) -> None:
+    """Report an epoch to Tune (with its checkpoint on checkpoint epochs); ``extra``: values
+    added to every epoch's metrics (a PBT trial's current hyperparameters)."""
     if end.kind == "initial":
         return
+    metrics = {**end.metrics, **(extra or {})}
     if not (end.checkpoint and end.state is not None):
-        ray.tune.report(end.metrics)
+        ray.tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        ray_train.write_checkpoint(end.state(), end.metrics, folder)
-        ray.tune.report(end.metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+        ray_train.write_checkpoint(end.state(), metrics, folder)
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
 
 
 def trial_in_process(point: dict[str, Any], *, space: dict[str, Any], base: dict[str, Any]) -> None:
-    """A single-worker trial: the engine in the Tune trial's own process."""
+    """A single-worker trial: the engine in the Tune trial's own process.
+
+    It continues from the checkpoint Tune hands it, if any: its own (a retried trial, a
+    resumed sweep) or, under PBT, another trial's, with ``point`` holding the perturbed
+    values. The trainer is built from ``point``'s config and only the state is restored,
+    so the new values of :data:`raymix.config.MUTABLE_KEYS` apply from the next step.
+    """
     cfg = trial_config(point, space, base)
     torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
     from raymix.engine.trainer import Trainer  # in the trial's process only
@@ -131,11 +89,16 @@ def trial_in_process(point: dict[str, Any], *, space: dict[str, Any], base: dict
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / ray_train.STATE_FILE, map_location=trainer.device)
     trial_id = ray.tune.get_context().get_trial_id()
-    rungs = SearchSpace.model_validate(space).scheduler.rungs(cfg.training.epochs)
+    sp = SearchSpace.model_validate(space)
+    rungs = sp.scheduler.rungs(cfg.training.epochs)
+    hp = pbt.trial_values(cfg, sp, base)  # PBT/PB2: the values it trains with, reported each epoch
+    if state is not None and hp:
+        shown = ", ".join(f"{k.removeprefix(pbt.HP_PREFIX)}={v}" for k, v in hp.items())
+        print(f"[{trial_id}] continues after epoch {int(state['epoch'])} with {shown}", flush=True)
     train_loop(
         trainer,
         state,
-        _tune_report,
+        lambda end: _tune_report(end, hp),
         extra=rungs,
         log=lambda line: print(f"[{trial_id}] {line}", flush=True),
     )
@@ -187,16 +150,37 @@ def trial_resources(sweep: Sweep) -> dict[str, float]:
     }
 
 
-def concurrency(sweep: Sweep, cluster: dict[str, float]) -> int:
-    """``max_concurrent_trials``: the space's, else how many trials the cluster holds at once."""
+def trial_shape(sweep: Sweep) -> capacity.Shape:
+    """How one trial's reservation is placed: its process on one node, or its Ray Train
+    workers each on one node (and their trial driver's sliver of a CPU anywhere)."""
     need = trial_resources(sweep)
-    fits = [cluster.get(kind, 0.0) / amount for kind, amount in need.items() if amount > 0]
-    most = math.floor(min(fits) + 1e-9)
-    if most < 1:
-        have = {kind: cluster.get(kind, 0.0) for kind in need}
-        raise ConfigError(f"one trial needs {need} but the Ray cluster has {have}; lower scaling.*")
-    wanted = sweep.space.max_concurrent_trials or most
-    return max(1, min(wanted, sweep.space.num_samples))
+    if in_process(sweep.config):
+        return capacity.Shape(need, 1, need)
+    scaling = sweep.config.scaling
+    worker = {"CPU": scaling.cpus_per_worker, "GPU": float(scaling.use_gpu)}
+    return capacity.Shape(worker, scaling.num_workers, need)
+
+
+def concurrency_plan(
+    sweep: Sweep, now: dict[str, float] | capacity.Cluster, most: capacity.Cluster | None = None
+) -> capacity.Plan:
+    """``max_concurrent_trials`` (see :func:`raymix.integrations.capacity.plan`): the space's
+    (or ``--max-concurrent``), else how many trials the cluster's maximum holds at once;
+    ``now``: the nodes alive (a dict: one node), ``most``: the autoscaler's maximum, if known."""
+    nodes = now if isinstance(now, capacity.Cluster) else capacity.Cluster.of_nodes([now])
+    return capacity.plan(
+        trial_shape(sweep),
+        nodes,
+        most,
+        explicit=sweep.space.max_concurrent_trials,
+        num_samples=sweep.space.num_samples,
+    )
+
+
+def concurrency(
+    sweep: Sweep, now: dict[str, float] | capacity.Cluster, most: capacity.Cluster | None = None
+) -> int:
+    return concurrency_plan(sweep, now, most).limit
 
 
 def trainable(sweep: Sweep) -> Any:
@@ -229,28 +213,35 @@ class DefineByRun:
         sample(trial, self.space, self.base)
 
 
-def searcher(sweep: Sweep) -> OptunaSearch:
+def searcher(sweep: Sweep) -> study.StudySearch | pbt.BasicVariantGenerator:
+    """The new sweep's searcher over its Optuna study (named after the sweep), one objective or
+    several (``objectives``: Optuna gets every metric and mode; Tune's scheduler the first).
+
+    PBT and PB2 take no search algorithm: their population is drawn by Tune's random sampling.
+    """
+    if pbt.enabled(sweep.space):
+        return pbt.variants(sweep)
     space, base = sweep.space, sweep.base
-    s = space.searcher
-    sampler = (
-        TPESampler(seed=s.seed, multivariate=s.multivariate, n_startup_trials=s.n_startup_trials)
-        if s.type == "tpe"
-        else RandomSampler(seed=s.seed)
-    )
-
-    return OptunaSearch(
+    targets = space.targets
+    multi = space.multi_objective
+    return study.StudySearch(
         space=DefineByRun(space, base),
-        metric=space.metric,
-        mode=space.mode,
-        sampler=sampler,
+        metric=[t.metric for t in targets] if multi else space.metric,
+        mode=[t.mode for t in targets] if multi else space.mode,
+        sampler=study.sampler(space.searcher),
+        study_name=sweep.name,
+        storage=study.new_study_storage(sweep),
         points_to_evaluate=[encode_point(space, p) for p in space.points_to_evaluate] or None,
+        epochs=sweep.config.training.epochs,
     )
 
 
-def scheduler(sweep: Sweep) -> ASHAScheduler | FIFOScheduler:
+def scheduler(sweep: Sweep) -> ASHAScheduler | FIFOScheduler | pbt.PopulationBasedTraining:
     s = sweep.space.scheduler
     if s.type == "none":
         return FIFOScheduler()
+    if pbt.enabled(sweep.space):
+        return pbt.scheduler(sweep)
     return ASHAScheduler(
         time_attr="epoch",
         max_t=s.max_t or sweep.config.training.epochs,
@@ -292,14 +283,19 @@ def run_sweep(
     name: str | None = None,
     resume: bool = False,
     num_samples: int | None = None,
+    optuna_storage: str | None = None,
+    controls: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> leaderboard.Board:
     """Run (or, with ``resume``, continue) a sweep; returns its leaderboard.
 
     Bad input (the space, the folder, the cluster's resources, the tracking store) raises
-    :class:`ConfigError` before any trial starts.
+    :class:`ConfigError` before any trial starts. ``optuna_storage``: the study's storage
+    instead of the space's ``searcher.storage`` (see :mod:`raymix.integrations.study`).
+    ``controls``: sweep controls that replace the space's (``time_budget``, ``stop``,
+    ``max_concurrent_trials``, ``gpus_per_trial``: the ``raymix tune`` flags).
     """
-    sweep = prepare(space_path, overrides, name, num_samples)
+    sweep = study.with_storage(prepare(space_path, overrides, name, num_samples, controls), optuna_storage)
     tracking.check_reachable(sweep.config.tracking)
     _check_resume(sweep, resume)
     created = first_missing(sweep.path)  # removed again if the sweep is refused before its trials
@@ -310,8 +306,8 @@ def run_sweep(
     fitting = False
     try:
         started = ray_train.init_ray()
-        ray_train.check_resources(sweep.config, ray.cluster_resources())
-        limit = concurrency(sweep, ray.cluster_resources())
+        room = concurrency_plan(sweep, capacity.live_nodes(), capacity.autoscaler_maximum())
+        limit = room.limit
         cluster.check_shared_storage(sweep.storage_path, sweep.storage_given, key)
         recorder = tracking.open_sweep(sweep, resume=resume)
         if not resume:
@@ -322,18 +318,26 @@ def run_sweep(
         where = f"MLflow {shown} (parent run {recorder.parent_run_id})" if recorder else "no MLflow"
         mode = "in-process" if in_process(sweep.config) else f"Ray Train x{sweep.config.scaling.num_workers}"
         log(f"sweep {sweep.path}: {sweep.space.num_samples} trials ({mode}), up to {limit} at once, " + where)
+        if room.now < limit:
+            wait = f"{room.source} to add nodes" if room.autoscaling else "a trial to finish"
+            log(f"{room.now:g} trial(s) fit the cluster now; the others wait for {wait}")
+        stopper = stopping.sweep_stopper(sweep.space)
+        if stopper is not None:
+            log(f"the sweep stops early at {stopping.describe(sweep.space)}")
+        log(pbt.describe(sweep) if pbt.enabled(sweep.space) else study.describe(sweep))
         if resume:
             tuner = ray.tune.Tuner.restore(sweep.path, trainable(sweep), resume_unfinished=True)
         else:
             tuner = ray.tune.Tuner(
                 trainable(sweep),
+                param_space=pbt.param_space(sweep),  # PBT/PB2 only: Optuna samples the others
                 tune_config=ray.tune.TuneConfig(
                     metric=sweep.space.metric,
                     mode=sweep.space.mode,
                     search_alg=searcher(sweep),
                     scheduler=scheduler(sweep),
                     num_samples=sweep.space.num_samples,
-                    max_concurrent_trials=limit,
+                    max_concurrent_trials=None if pbt.enabled(sweep.space) else limit,  # PBT: all at once
                     trial_name_creator=trial_dirname,
                     trial_dirname_creator=trial_dirname,
                 ),
@@ -342,6 +346,7 @@ def run_sweep(
                     storage_path=sweep.storage_path,
                     callbacks=[recorder] if recorder else [],
                     failure_config=ray.tune.FailureConfig(max_failures=sweep.space.max_failures),
+                    stop=stopper,
                     checkpoint_config=ray.tune.CheckpointConfig(
                         num_to_keep=sweep.config.training.keep_checkpoints,
                         checkpoint_score_attribute=sweep.space.metric,
@@ -365,8 +370,11 @@ def run_sweep(
     finally:
         if started:
             ray.shutdown()
+    stopped = stopper.reason if stopper is not None else None  # None on --resume: Tune's own copy
     try:  # with Ray shut down: what follows reads only the sweep folder
         board = leaderboard.load(sweep.path)
+        if stopped and recorder:
+            recorder.client.set_tag(recorder.parent_run_id, "raymix.stopped", stopped)
         with tempfile.TemporaryDirectory() as tmp:
             skipped = leaderboard.render(board, Path(tmp))
             leaderboard.publish(Path(tmp), sweep.path)
@@ -376,5 +384,7 @@ def run_sweep(
         raise
     for plot, why in skipped.items():
         log(f"plot {plot} skipped: {why}")
+    if stopped:
+        log(f"sweep stopped early: {stopped}; running trials were stopped, finished trials are kept")
     log(board.format())
     return board

@@ -7,7 +7,9 @@ run per trial nested under it (the trial's resolved config flattened into params
 and a status: FINISHED for completed trials, KILLED for trials ASHA stopped early, FAILED
 with the error for trials that failed). Trials report to Tune; :class:`TrialRecorder`, a
 Tune callback in the driver, turns the reports into MLflow writes, so a SQLite store never
-sees two writers and workers on other nodes need no access to it.
+sees two writers and workers on other nodes need no access to it. A multi-objective sweep
+tags its Pareto front's runs ``raymix.pareto=true`` (the others ``false``) and lists the
+front on the parent (tag ``raymix.pareto_front``, artifact ``pareto_front.csv``).
 
 A resumed sweep finds its parent and children again by tags (``raymix.sweep``,
 ``raymix.trial_id``) and logs only epochs that are not recorded yet.
@@ -25,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow.fs
 import yaml
@@ -37,15 +39,21 @@ from ray.tune import Callback
 from raymix.config import ConfigError, TrackingConfig
 from raymix.engine.loop import fresh
 from raymix.engine.run import flatten
+from raymix.integrations import study
 from raymix.integrations.cluster import redact_uri
 from raymix.integrations.leaderboard import Board, file_system, trial_error
+from raymix.integrations.plan import Sweep
 from raymix.integrations.ray_train import METRICS_FILE
-from raymix.integrations.search_space import SearchSpace, config_for, decode_point, trial_config
-
-if TYPE_CHECKING:
-    from raymix.integrations.sweep import Sweep
+from raymix.integrations.search_space import (
+    POPULATION_SCHEDULERS,
+    SearchSpace,
+    config_for,
+    decode_point,
+    trial_config,
+)
 
 SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "raymix.sweep", "raymix.trial_id", "mlflow.parentRunId"
+PARETO_TAG = "raymix.pareto"  # multi-objective sweeps: "true" on the runs of the Pareto front
 RETRIES_ENV, TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"
 BATCH = 100  # MLflow takes at most 100 params per batch
 # Keys Tune adds to every result: bookkeeping, not measurements.
@@ -162,6 +170,11 @@ def _log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> No
         client.log_batch(run_id, params=params[i : i + BATCH])
 
 
+def _masked(values: dict[str, Any]) -> dict[str, Any]:
+    """Values with the password of any URI in them masked (an RDB URL in searcher.storage)."""
+    return {k: redact_uri(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
 def _experiment(client: MlflowClient, name: str, uri: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -202,15 +215,23 @@ def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
                 {
                     "space.file": sweep.source,
                     "space.folder": sweep.path,
-                    **flatten({k: v for k, v in space.items() if k != "params"}, "space."),
+                    **_masked(flatten({k: v for k, v in space.items() if k != "params"}, "space.")),
                     "space.params": space["params"],
                     **flatten(sweep.base, "base."),
                 },
             )
             client.log_artifact(parent_id, sweep.source, "space")
-            client.log_text(
-                parent_id, yaml.safe_dump(sweep.resolved(), sort_keys=False), "space/resolved.yaml"
-            )
+            resolved = redact_uri(yaml.safe_dump(sweep.resolved(), sort_keys=False))
+            client.log_text(parent_id, resolved, "space/resolved.yaml")
+            if sweep.space.scheduler.type not in POPULATION_SCHEDULERS:  # PBT keeps no Optuna study
+                where = study.location(sweep)
+                client.log_batch(
+                    parent_id,
+                    tags=[
+                        RunTag("raymix.optuna_study", sweep.name),
+                        RunTag("raymix.optuna_storage", redact_uri(where) if where else "memory"),
+                    ],
+                )
     except (MlflowException, OSError) as exc:
         raise ConfigError(
             f"{uri_source()} {redact_uri(uri)}: the MLflow tracking store cannot be used: "
@@ -262,9 +283,32 @@ def close_sweep(recorder: TrialRecorder | None, board: Board, outputs: Path) -> 
     if best is not None:
         client.log_metric(parent, f"best_{board.metric}", best.last)
         client.set_tag(parent, "raymix.best_trial", best.trial_id)
+    if board.space.multi_objective:
+        tag_front(recorder, board)
     unfinished = set(counts) - {"completed", "pruned", "failed"}
     if not unfinished:
         client.set_terminated(parent, "FINISHED")
+
+
+def tag_front(recorder: TrialRecorder, board: Board) -> None:
+    """A multi-objective sweep's Pareto front: ``raymix.pareto`` true/false on each trial's run,
+    the front's trial ids on the parent (``raymix.pareto_front``); ``pareto_front.csv`` is
+    among the parent's artifacts."""
+    client, parent = recorder.client, recorder.parent_run_id
+    front = {row.trial_id for row in board.front()}
+    on_front = [row.trial_id for row in board.ranked() if row.trial_id in front]
+    client.set_tag(parent, "raymix.pareto_front", ",".join(on_front)[:5000])
+    query = f"tags.`{PARENT_TAG}` = '{parent}'"
+    token = None
+    while True:
+        page = client.search_runs([recorder.experiment_id], query, max_results=1000, page_token=token)
+        for run in page:
+            trial = run.data.tags.get(TRIAL_TAG)
+            if trial is not None:
+                client.set_tag(run.info.run_id, PARETO_TAG, str(trial in on_front).lower())
+        token = page.token
+        if not token:
+            break
 
 
 def checkpoints(roots: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -308,9 +352,10 @@ class TrialRecorder(Callback):
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}  # trial_id -> run_id
         self._epochs: dict[str, int] = {}  # trial_id -> last epoch recorded
+        self._closed: set[str] = set()  # trial_ids whose run this driver closed
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its state
-        return {**self.__dict__, "_client": None, "_runs": {}, "_epochs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_epochs": {}, "_closed": set()}
 
     @property
     def client(self) -> MlflowClient:
@@ -357,6 +402,7 @@ class TrialRecorder(Callback):
 
     def _finish(self, trial: Any, status: str, tags: dict[str, str]) -> None:
         run_id = self._run(trial)
+        self._closed.add(trial.trial_id)
         if self.client.get_run(run_id).info.status != "RUNNING":
             return  # closed before the driver was restarted
         self._log_checkpoints(trial, run_id)
@@ -408,6 +454,15 @@ class TrialRecorder(Callback):
         self._finish(
             trial, "FINISHED" if done else "KILLED", {"raymix.outcome": "completed" if done else "pruned"}
         )
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        """Close, once, the runs of trials that Tune terminated without ``on_trial_complete``:
+        it ends a whole sweep that way (a time budget, a stop target: see
+        :mod:`raymix.integrations.stopping`). They are recorded as stopped early (pruned)."""
+        for trial in trials:
+            if trial.status == "TERMINATED" and trial.trial_id in self._runs:
+                if trial.trial_id not in self._closed:
+                    self.on_trial_complete(iteration, trials, trial)
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.client.set_tag(self._run(trial), "raymix.last_retry_error", trial_error(trial))

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from raymix.cli import main
 from raymix.config import METHOD_NAMES, load_config
 from raymix.integrations import leaderboard, sweep
-from raymix.integrations.search_space import SearchSpaceError
+from raymix.integrations.search_space import SearchSpaceError, load_search_space
 from tests.faults.helpers import sweep_runs
 
 ROOT = Path(__file__).parents[2]
@@ -246,7 +246,7 @@ def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
 
 
 def test_ranking_puts_failed_and_missing_last(tmp_path):
-    space, base = sweep.load_search_space(write_space(tmp_path))
+    space, base = load_search_space(write_space(tmp_path))
     rows = [
         leaderboard.Row("a", "completed", 2, 0.5, 0.6, {}),
         leaderboard.Row("b", "failed", 0, math.nan, math.nan, {}, "boom"),
