@@ -127,6 +127,7 @@ def test_knn_speed_without_ray(tmp_path):
     assert record["rows"][0]["backend"] == "cpu" and record["rows"][0]["seconds"] > 0
     assert "| cpu" in out
 
+
 def test_data_pipeline_without_ray(tmp_path):
     out = run_bare(
         "data_pipeline.py", "--images", "12", "--classes", "3", "--batch-size", "4", "--workers", "1",
@@ -152,3 +153,38 @@ def test_data_pipeline_without_ray(tmp_path):
     assert "1" in record["goals"]["raymix_cpu_over_reference_per_core"]
     for r in rows.values():  # CPU seconds from /proc (None where there is none, or too few ticks)
         assert r["images_per_cpu_second"] is None or r["images_per_cpu_second"] > 0
+
+
+def test_search_efficiency_grid_cost_and_censoring(monkeypatch):
+    """The study's bookkeeping (no training, no Ray): grid snapping, cost, censored medians."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "search_efficiency", ROOT / "benchmarks" / "search_efficiency.py"
+    )
+    se = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(se)
+    g = se.grid(4)
+    assert len(se.grid_points(g)) == 48
+    t, lr = g["method.temperature"], g["optim.lr"]
+    for i, (tv, lv) in enumerate(zip(t["values"], lr["values"], strict=True)):  # each centre in its own bin
+        point = {"method.temperature": tv, "optim.lr": lv, "augment.crop_scale": "[0.5, 1.0]"}
+        assert se.grid_key(point, g, 4) == f"{i},{i},1"
+    edges = {"method.temperature": t["low"], "optim.lr": lr["high"], "augment.crop_scale": [0.7, 1.0]}
+    assert se.grid_key(edges, g, 4) == "0,3,2"
+
+    def run(values):
+        return {"reports": [["0,0,0", e, v] for e, v in enumerate(values, 1)]}
+
+    assert se.cost(run([0.1, 0.5, 0.9])["reports"], 0.5) == 2 and se.cost(run([0.1])["reports"], 0.5) is None
+    arms = {
+        "random": [run([0.0] * 9 + [1.0]), run([0.0] * 9 + [1.0]), run([0.0] * 3)],
+        "fast": [run([0.0, 1.0]), run([1.0]), run([0.0] * 3)],
+        "never": [run([0.0] * 3)] * 2,  # fewer seeds: paired with random's first two
+    }
+    summary = se.summarise(arms, 0.9, argparse.Namespace(bootstrap=50))
+    assert summary["random"]["median_trial_epochs_to_target"] == 10 and summary["random"]["reached"] == 2
+    assert summary["fast"]["ratio_to_random"] == 5.0 and summary["fast"]["fraction_reached"] == 0.667
+    assert summary["never"]["median_trial_epochs_to_target"] is None
+    assert summary["never"]["ratio_to_random"] == 0.0 and summary["never"]["random_seeds_paired"] == 2

@@ -191,6 +191,13 @@ class Searcher(Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     multivariate: bool = Field(True, description="tpe only")
     n_startup_trials: int = Field(10, ge=0, le=MAX_COUNT, description="tpe only")
+    group: bool = Field(
+        False, description="tpe with multivariate: model each conditional branch's params apart "
+        "(spaces whose params depend on method.name)",
+    )  # fmt: skip
+    constant_liar: bool = Field(
+        False, description="tpe: count running trials as poor results, so concurrent trials spread out"
+    )
     population_size: int = Field(50, ge=2, le=MAX_COUNT, description="nsga2 only")
     storage: str | None = Field(
         None,
@@ -198,6 +205,12 @@ class Searcher(Section):
         "(in memory for sweep folders on s3:// and other URIs); an RDB URL (sqlite:///optuna.db, "
         "postgresql://...); a journal file path; or 'memory'",
     )
+
+    @model_validator(mode="after")
+    def _group_needs_multivariate(self) -> Searcher:
+        if self.group and not self.multivariate:
+            raise ValueError("searcher.group=true needs searcher.multivariate=true (Optuna's grouped TPE)")
+        return self
 
     @field_validator("storage")
     @classmethod

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,12 @@ def new_study_storage(sweep: Sweep) -> BaseStorage | None:
 
 def sampler(s: Searcher) -> BaseSampler:
     if s.type == "tpe":  # TPE handles one objective or several
-        return TPESampler(seed=s.seed, multivariate=s.multivariate, n_startup_trials=s.n_startup_trials)
+        with warnings.catch_warnings():  # group and constant_liar are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return TPESampler(
+                seed=s.seed, multivariate=s.multivariate, n_startup_trials=s.n_startup_trials,
+                group=s.group, constant_liar=s.constant_liar,
+            )  # fmt: skip
     if s.type == "nsga2":
         return NSGAIISampler(seed=s.seed, population_size=s.population_size)
     return RandomSampler(seed=s.seed)

@@ -267,3 +267,14 @@ def test_bad_objectives_and_storages_exit_2_before_ray_starts(
     assert main(["tune", str(write_space(tmp_path, **fields)), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_tpe_grouping_and_constant_liar_reach_the_sampler():
+    from raymix.integrations.search_space import Searcher
+    from raymix.integrations.study import sampler
+
+    tpe = sampler(Searcher(group=True, constant_liar=True))
+    assert tpe._group and tpe._constant_liar  # Optuna keeps them as these attributes
+    assert not sampler(Searcher())._constant_liar
+    with pytest.raises(ValueError, match=r"searcher\.group=true needs searcher\.multivariate=true"):
+        Searcher(group=True, multivariate=False)
