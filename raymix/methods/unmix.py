@@ -31,13 +31,15 @@ def sample_unmix(beta: float, prob_global: float, rng: random.Random) -> tuple[M
 
 
 def region_box(height: int, width: int, lam: float, rng: random.Random) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of a box with sides ``sqrt(1 - lam)`` of the image's
-    (floored to whole pixels), centred on a uniformly drawn pixel, clipped to the image."""
+    """(top, bottom, left, right) of the CutMix box of the released Un-Mix code: sides
+    ``cut = floor(sqrt(1 - lam) * side)``, spanning ``[c - cut // 2, c + cut // 2)`` around a
+    uniformly drawn pixel ``c`` (one pixel short of ``cut`` when it is odd), clipped to the image."""
     ratio = math.sqrt(1.0 - lam)
     box_h, box_w = int(height * ratio), int(width * ratio)
     cy, cx = rng.randrange(height), rng.randrange(width)
-    top, left = cy - box_h // 2, cx - box_w // 2
-    return max(top, 0), min(top + box_h, height), max(left, 0), min(left + box_w, width)
+    top, bottom = cy - box_h // 2, cy + box_h // 2
+    left, right = cx - box_w // 2, cx + box_w // 2
+    return max(top, 0), min(bottom, height), max(left, 0), min(right, width)
 
 
 def unmix_images(

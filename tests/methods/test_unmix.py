@@ -94,6 +94,24 @@ def test_region_box_is_clipped_at_the_borders():
     assert any(b[0] == 0 for b in boxes) and any(b[1] == 10 for b in boxes)
 
 
+def test_region_box_follows_the_released_rand_bbox():
+    """[c - cut // 2, c + cut // 2): an odd cut loses a pixel, an even one keeps its size."""
+    for lam, cut in ((1 - (7 / 32) ** 2, 7), (1 - (8 / 32) ** 2, 8)):
+        assert int(32 * math.sqrt(1 - lam)) == cut
+        for seed in range(20):
+            cy, cx = (lambda r: (r.randrange(32), r.randrange(32)))(random.Random(seed))
+            box = region_box(32, 32, lam, random.Random(seed))
+            expected = (
+                max(cy - cut // 2, 0),
+                min(cy + cut // 2, 32),
+                max(cx - cut // 2, 0),
+                min(cx + cut // 2, 32),
+            )
+            assert box == expected
+            if cut // 2 <= cy < 32 - cut // 2:  # not clipped: the side is 2 * (cut // 2)
+                assert box[1] - box[0] == 2 * (cut // 2)
+
+
 def test_bad_mixing_arguments():
     with pytest.raises(ValueError, match="mode"):
         unmix_images(torch.zeros(2, 3, 4, 4), 0.5, "cutout")  # type: ignore[arg-type]
