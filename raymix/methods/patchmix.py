@@ -96,9 +96,12 @@ class PatchMix(MixingMethod):
     Each step: f(x1), g(x2), g(x1), g(mix1), f(mix2); g(x1) is the online projection of
     x1 under no_grad (no extra pass) when there is no momentum encoder. The loss is
     ``l(f(x1), g(x2), Y_oo) + w * l(f(mix2), g(x1), Y_mo) + w * l(f(mix2), g(mix1), Y_mm)``
-    with soft targets over the keys gathered from every worker. Each worker mixes its own
-    batch; the permutations and the mix-or-not draw come from the step's generator, the
-    same on every worker.
+    with soft targets over the keys gathered from every worker. Each view is mixed with
+    probability ``mix_prob``, decided separately (view 1 first); an unmixed view passes as
+    its original images, and all three terms always stay. Y_mo and Y_mm follow x̃²: when it
+    is not mixed they are the identity (smoothed as the mixed targets), as in the released
+    code. Each worker mixes its own batch; the permutations and the mix-or-not draws come
+    from the step's draws, the same on every worker.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -118,17 +121,27 @@ class PatchMix(MixingMethod):
 
     def draw_mixes(
         self, view1: torch.Tensor, view2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This step's (mix1, mix2), or None when the step does not mix (probability 1 - mix_prob)."""
-        draws = self.step_draws(view1.device)
-        if draws.host.random() >= self.mix_prob:
-            return None
-        mix1, _ = patch_mix(view1, self.num_mix, self.patch_size, draws.device)
-        mix2, _ = patch_mix(view2, self.num_mix, self.patch_size, draws.device)
-        return mix1, mix2
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[bool, bool]]:
+        """This step's (mix1, mix2, (mixed1, mixed2)).
 
-    def targets(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Smoothed (Y_oo, Y_mo, Y_mm) of this worker's rows, each (B, B * world_size)."""
+        Each view is mixed with probability ``mix_prob``: two host draws, view 1's then
+        view 2's (no device work). A view that is not mixed is returned as it is; the
+        permutations of the mixed views come from the device generator, view 1's first.
+        """
+        draws = self.step_draws(view1.device)
+        mixed = (draws.host.random() < self.mix_prob, draws.host.random() < self.mix_prob)
+        mix1 = patch_mix(view1, self.num_mix, self.patch_size, draws.device)[0] if mixed[0] else view1
+        mix2 = patch_mix(view2, self.num_mix, self.patch_size, draws.device)[0] if mixed[1] else view2
+        return mix1, mix2, mixed
+
+    def targets(
+        self, batch: int, device: torch.device, mixed2: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Smoothed (Y_oo, Y_mo, Y_mm) of this worker's rows, each (B, B * world_size).
+
+        ``mixed2``: whether view 2 was mixed. If not, Y_mo and Y_mm are the identity
+        smoothed with ``smoothing_mixed`` (the released code's targets of an unmixed view).
+        """
         rank, world = dist.rank(), dist.world_size()
         key = (batch, rank, world, str(device))
         if key not in self._targets:
@@ -139,34 +152,34 @@ class PatchMix(MixingMethod):
                 smooth(identity, self.smoothing_oo).to(device),
                 smooth(to_orig, self.smoothing_mixed).to(device),
                 smooth(to_mixed, self.smoothing_mixed).to(device),
+                smooth(identity, self.smoothing_mixed).to(device),
             )
-        y_oo, y_mo, y_mm = self._targets[key]
-        return y_oo, y_mo, y_mm
+        y_oo, y_mo, y_mm, y_unmixed = self._targets[key]
+        return (y_oo, y_mo, y_mm) if mixed2 else (y_oo, y_unmixed, y_unmixed)
 
     # -- loss
 
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mixes = self.draw_mixes(view1, view2)
-        return self.contrast(view1, view2, mixes, self.targets(view1.shape[0], view1.device))
+        mix1, mix2, (_, mixed2) = self.draw_mixes(view1, view2)
+        targets = self.targets(view1.shape[0], view1.device, mixed2)
+        return self.contrast(view1, view2, (mix1, mix2), targets)
 
     def contrast(
         self,
         view1: torch.Tensor,
         view2: torch.Tensor,
-        mixes: tuple[torch.Tensor, torch.Tensor] | None,
+        mixes: tuple[torch.Tensor, torch.Tensor],
         targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of given views, mixes (or None: the orig-orig term alone) and targets."""
+        """The loss of given views, mixes (a view itself where it was not mixed) and targets."""
         y_oo, y_mo, y_mm = targets
         tau = self.temperature
         z1, p1 = self.online(view1)
         k2 = dist.gather_no_grad(self.keys(view2))
         loss_oo = self.loss(p1, k2, y_oo, tau)
         logs = {"loss/orig_orig": loss_oo.detach()}
-        if mixes is None:
-            return loss_oo, logs
         mix1, mix2 = mixes
         k1 = dist.gather_no_grad(self.key_from(view1, z1))
         k_mix = dist.gather_no_grad(self.keys(mix1))

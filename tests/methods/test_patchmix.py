@@ -134,8 +134,10 @@ def step_mixes(x1, x2, num_mix, patch, seed=0, step=0):
     return patch_mix(x1, num_mix, patch, g)[0], patch_mix(x2, num_mix, patch, g)[0]
 
 
-def reference_loss(method, x1, x2, mix1, mix2, m, w, tau, eps_oo, eps_mixed, world=1):
-    """L of METHODS.md section 1 by loops: ``world`` groups of B rows, each mixed within itself."""
+def reference_loss(method, x1, x2, mix1, mix2, m, w, tau, eps_oo, eps_mixed, world=1, mixed2=True):
+    """L of METHODS.md section 1 by loops: ``world`` groups of B rows, each mixed within itself.
+
+    ``mixed2=False``: view 2 was not mixed, Y_mo and Y_mm are the identity (released code)."""
     f = lambda x: method.predictor(method.projector(method.backbone(x)))  # noqa: E731
     if method.key_backbone is None:
         g = lambda x: method.projector(method.backbone(x))  # noqa: E731
@@ -163,10 +165,14 @@ def reference_loss(method, x1, x2, mix1, mix2, m, w, tau, eps_oo, eps_mixed, wor
         return (1 - eps_oo) * float(row == n) + eps_oo / n_keys
 
     def y_mo(row, n):
+        if not mixed2:
+            return (1 - eps_mixed) * float(row == n) + eps_mixed / n_keys
         same, j = ring(row, n)
         return (1 - eps_mixed) * (1 / m if same and j < m else 0.0) + eps_mixed / n_keys
 
     def y_mm(row, n):
+        if not mixed2:
+            return (1 - eps_mixed) * float(row == n) + eps_mixed / n_keys
         same, j = ring(row, n)
         share = sum((m - abs(d)) / m**2 for d in range(-(m - 1), m) if same and d % batch == j)
         return (1 - eps_mixed) * share + eps_mixed / n_keys
@@ -218,24 +224,68 @@ def test_without_momentum_the_keys_of_x1_are_the_online_projections():
     assert len(calls) == 2  # g(x2) and g(mix1); x1 is not encoded a second time
 
 
-def test_mix_prob_zero_leaves_the_orig_orig_term_alone():
-    method = make("method.mix_prob=0")
+def test_mix_prob_zero_keeps_all_three_terms_with_identity_targets():
+    """The released code passes an unmixed view as itself with one-hot targets and keeps the
+    mixed terms (issue #21; raymix used to drop both mixed terms)."""
+    method = make("method.mix_prob=0", "method.smoothing_mixed=0.2")
     x1, x2 = views()
     loss, logs = method(x1, x2)
-    assert set(logs) == {"loss/orig_orig"}
-    torch.testing.assert_close(loss, logs["loss/orig_orig"])
-    reference = make()
-    y_oo = reference.targets(6, x1.device)[0]
-    torch.testing.assert_close(loss, reference.contrast(x1, x2, None, (y_oo, y_oo, y_oo))[0])
+    assert set(logs) == {"loss/orig_orig", "loss/mixed_orig", "loss/mixed_mixed"}
+    expected = reference_loss(method, x1, x2, x1, x2, 2, 0.5, 0.2, 0.1, 0.2, mixed2=False)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss, logs["loss/orig_orig"])
+
+
+def test_targets_of_an_unmixed_view_2_are_the_smoothed_identity():
+    method = make("method.smoothing_mixed=0.2")
+    y_oo, y_mo, y_mm = method.targets(4, torch.device("cpu"), mixed2=False)
+    hand = torch.full((4, 4), 0.05) + 0.8 * torch.eye(4)  # (1 - 0.2) * I + 0.2 / 4
+    torch.testing.assert_close(y_mo, hand)
+    torch.testing.assert_close(y_mm, hand)
+    torch.testing.assert_close(y_oo, torch.full((4, 4), 0.025) + 0.9 * torch.eye(4))  # smoothing_oo 0.1
+    _, y_mo, y_mm = method.targets(4, torch.device("cpu"))  # view 2 mixed: the m = 2 forms
+    torch.testing.assert_close(y_mo, 0.8 * patchmix_targets(4, 2)[0] + 0.05)
+    torch.testing.assert_close(y_mm, 0.8 * patchmix_targets(4, 2)[1] + 0.05)
+
+
+@pytest.mark.parametrize("mixed", [(True, False), (False, True)])
+def test_each_view_decides_to_mix_on_its_own(mixed):
+    """Host draws u1 (view 1) then u2 (view 2) of the step; view v mixes iff u_v < mix_prob.
+    Y_mo and Y_mm follow view 2 (the released code keeps the targets of its second call)."""
+    us = {}
+    for step in range(50):
+        rng = step_draws(0, step).host
+        u1, u2 = rng.random(), rng.random()
+        if (u1 < u2) == mixed[0]:
+            us = {"step": step, "prob": (u1 + u2) / 2}
+            break
+    method = make(f"method.mix_prob={us['prob']}", "method.smoothing_mixed=0.2")
+    method.mix_step = us["step"]
+    x1, x2 = views()
+    mix1, mix2, flags = method.draw_mixes(x1, x2)
+    assert flags == mixed
+    g = step_draws(0, us["step"]).device  # the mixed view takes the first permutation
+    expect1 = patch_mix(x1, 2, 4, g)[0] if mixed[0] else x1
+    expect2 = patch_mix(x2, 2, 4, g)[0] if mixed[1] else x2
+    assert torch.equal(mix1, expect1) and torch.equal(mix2, expect2)
+    method.mix_step = us["step"]
+    loss, logs = method(x1, x2)
+    assert set(logs) == {"loss/orig_orig", "loss/mixed_orig", "loss/mixed_mixed"}
+    expected = reference_loss(method, x1, x2, expect1, expect2, 2, 0.5, 0.2, 0.1, 0.2, mixed2=mixed[1])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_every_step_draws_new_mixes_and_the_step_resumes_from_the_state_dict():
     method = make("method.mix_prob=0.5")
     x1, x2 = views()
     draws = [method.draw_mixes(x1, x2) for _ in range(12)]
-    mixed_steps = [d is not None for d in draws]
-    assert 0 < sum(mixed_steps) < 12  # both outcomes of the coin within 12 steps (seed 0)
-    first, second = [d for d in draws if d is not None][:2]
+    flags = [d[2] for d in draws]
+    for view in (0, 1):  # both outcomes of each view's coin within 12 steps (seed 0)
+        assert 0 < sum(f[view] for f in flags) < 12
+    assert any(f[0] != f[1] for f in flags)  # the views decide separately
+    for mix1, mix2, (mixed1, mixed2) in draws:  # an unmixed view is passed as itself
+        assert torch.equal(mix1, x1) != mixed1 and torch.equal(mix2, x2) != mixed2
+    first, second = [d for d in draws if d[2][0]][:2]
     assert not torch.equal(first[0], second[0])
     assert method.mix_step == 12
     state = method.state_dict()
@@ -243,9 +293,8 @@ def test_every_step_draws_new_mixes_and_the_step_resumes_from_the_state_dict():
     resumed.load_state_dict(state)
     assert resumed.mix_step == 12
     nxt, again = method.draw_mixes(x1, x2), resumed.draw_mixes(x1, x2)
-    assert (nxt is None) == (again is None)
-    if nxt is not None and again is not None:
-        assert torch.equal(nxt[0], again[0]) and torch.equal(nxt[1], again[1])
+    assert nxt[2] == again[2]
+    assert torch.equal(nxt[0], again[0]) and torch.equal(nxt[1], again[1])
     method.eval()
     method.draw_mixes(x1, x2)
     assert method.mix_step == 13  # evaluation does not advance the step
@@ -254,7 +303,7 @@ def test_every_step_draws_new_mixes_and_the_step_resumes_from_the_state_dict():
 def test_views_are_mixed_with_independent_permutations_and_the_same_m():
     method = make("method.mix_num=3")
     x = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 16, 16).contiguous()
-    mix1, mix2 = method.draw_mixes(x, x)
+    mix1, mix2, _ = method.draw_mixes(x, x)
     assert not torch.equal(mix1, mix2)  # other positions ...
     for mixed in (mix1, mix2):  # ... the same partners b, b + 1, b + 2
         for b in range(6):
