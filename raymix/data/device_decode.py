@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raymix.data.folder import Box, CropSpec, FolderData, crop_rng, random_resized_box
+from raymix.data.folder import Box, CropSpec, FolderData, TrainCrops, view_boxes
 
 # JPEG colour modes nvJPEG decodes to RGB.
 DEVICE_MODES = ("RGB", "L")
@@ -34,17 +34,10 @@ class RawItem:
     crops: torch.Tensor | None = None  # (V, 3, S, S) uint8, decoded on the CPU
 
 
-class RawTrainCrops(torch.utils.data.Dataset):
+class RawTrainCrops(TrainCrops):
     """Keyed by ``(index, epoch)`` like :class:`raymix.data.folder.TrainCrops`; yields RawItems."""
 
-    def __init__(self, folder: FolderData, crops: CropSpec) -> None:
-        self.folder = folder
-        self.crops = crops
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, key: tuple[int, int]) -> RawItem:
+    def __getitem__(self, key: tuple[int, int]) -> RawItem:  # type: ignore[override]
         index, epoch = key
         label = int(self.folder.labels[index])
         path = self.folder.path(index)
@@ -53,11 +46,7 @@ class RawTrainCrops(torch.utils.data.Dataset):
                 width, height = image.size
                 usable = image.format == "JPEG" and image.mode in DEVICE_MODES
             if usable:
-                rng = crop_rng(self.crops.seed, epoch, index)
-                boxes = [
-                    random_resized_box(width, height, rng, self.crops.scale, self.crops.ratio)
-                    for _ in range(self.crops.views)
-                ]
+                boxes = view_boxes(width, height, self.crops, epoch, index)
                 data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
                 return RawItem(index, label, epoch, data=data, boxes=boxes)
         except Exception:  # an unreadable header: the CPU path reports it and substitutes

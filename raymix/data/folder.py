@@ -160,6 +160,12 @@ def random_resized_box(
     return float((width - w) // 2), float((height - h) // 2), float(w), float(h)
 
 
+def view_boxes(width: int, height: int, crops: CropSpec, epoch: int, index: int) -> list[Box]:
+    """The boxes of image ``index``'s training views in ``epoch`` (one per view)."""
+    rng = crop_rng(crops.seed, epoch, index)
+    return [random_resized_box(width, height, rng, crops.scale, crops.ratio) for _ in range(crops.views)]
+
+
 def centre_box(width: int, height: int, size: int, fraction: float) -> Box:
     """The box that resize-shorter-side-to ``size / fraction`` then centre-crop ``size`` keeps."""
     side = min(width, height) * fraction
@@ -283,14 +289,7 @@ class FolderData(torch.utils.data.Dataset):
 
     def train_item(self, index: int, epoch: int, crops: CropSpec) -> tuple[torch.Tensor, int]:
         """(uint8 (views, 3, S, S), label): the training views of image ``index`` in ``epoch``."""
-        rng = crop_rng(crops.seed, epoch, index)
-
-        def boxes(width: int, height: int) -> list[Box]:
-            return [
-                random_resized_box(width, height, rng, crops.scale, crops.ratio) for _ in range(crops.views)
-            ]
-
-        return self._decode(index, boxes)
+        return self._decode(index, lambda width, height: view_boxes(width, height, crops, epoch, index))
 
 
 class TrainCrops(torch.utils.data.Dataset):

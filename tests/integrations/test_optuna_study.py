@@ -10,7 +10,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import ray
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -26,20 +25,6 @@ OBJECTIVES = [{"metric": "knn_top1", "mode": "max"}, {"metric": "encoder_params"
 SMALL = {**TINY, "data.test_fraction": 0.8, "optim.lr_scaling": "none", "optim.warmup_epochs": 0}
 DEPTH = {"type": "categorical", "choices": [1, 2]}  # a deeper encoder has more parameters
 LR = {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def journal(path: Path, name: str) -> optuna.Study:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -265,19 +264,11 @@ def test_the_shipped_pbt_space_loads():
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_pbt_on_digits_changes_values_mid_run(local_ray, tmp_path, monkeypatch):
+def test_pbt_on_digits_changes_values_mid_run(local_ray, tracking, tmp_path):
     """Two trials, 3 epochs, synchronous PBT at epoch 2: the worse trial takes the better one's
     checkpoint and redrawn values, trains epoch 3 with them, and shows it in MLflow."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = tracking
     path = write_space(
         tmp_path,
         scheduler={

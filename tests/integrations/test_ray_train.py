@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from raymix.cli import main
@@ -28,13 +27,6 @@ TINY = [
 
 def tiny(tmp_path: Path, *overrides: str):
     return load_config(None, [*TINY, f"training.output_dir={tmp_path / 'run'}", *overrides])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def checkpoints(folder: Path) -> list[str]:

@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -63,20 +62,6 @@ def mlflow_runs(uri: str) -> tuple[MlflowClient, object, list]:
         r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children
     )
     return client, parents[0], children
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp_path, capsys):

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import ray
 import yaml
 
 from raymix.cli import main
@@ -30,20 +29,6 @@ LAUNCHER = {
 }
 HEAD_ONLY = capacity.Cluster.of_nodes([{"CPU": 8.0, "memory": 3.0e10}])
 SHORT = {**TINY, "optim.lr_scaling": "none", "optim.warmup_epochs": 0}  # as write_space's default
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def gpu_sweep(tmp_path, name="gpu", **fields):
