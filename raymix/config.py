@@ -138,6 +138,10 @@ class HeadConfig(Section):
     out_dim: int = Field(256, ge=8, le=MAX_WIDTH)
     projector_layers: int = Field(3, ge=1, le=64)
     predictor_layers: int = Field(2, ge=1, le=64)
+    norm: Literal["batchnorm", "none"] = Field(
+        "batchnorm",
+        description="batchnorm: MoCo v3's heads; none: MoCo v2's (Linear with bias -> ReLU, no BN)",
+    )
 
 
 class ContrastConfig(Section):
@@ -149,9 +153,25 @@ class ContrastConfig(Section):
 
 
 class QueueConfig(ContrastConfig):
-    """A base whose loss can take extra negatives from a MoCo v2 queue of past clean keys."""
+    """The MoCo family: the v3 base, whose loss can take extra negatives from a queue of past
+    clean keys, or the v2 base (no predictor, the queue as the only negatives)."""
 
+    base: Literal["v3", "v2"] = Field(
+        "v3",
+        description="v3: predictor, 2 tau CE over gathered keys and the queue; v2: no predictor, "
+        "CE([q.k+, q.queue] / tau) with the queue as the only negatives (needs queue_size > 0)",
+    )
     queue_size: int = Field(0, ge=0, le=MAX_COUNT, description="MoCo v2 queue of past keys; 0 disables it")
+    symmetric: bool = Field(True, description="both views as queries; false: view 1's queries, view 2's keys")
+
+    @model_validator(mode="after")
+    def _v2_has_queue(self) -> QueueConfig:
+        if self.base == "v2" and self.queue_size == 0:
+            raise ValueError(
+                "method.base=v2 takes its negatives from the queue alone, and method.queue_size=0 "
+                "leaves it none; allowed: method.queue_size >= 1 with base v2, or method.base=v3"
+            )
+        return self
 
 
 class MocoConfig(QueueConfig):
@@ -179,7 +199,6 @@ class UnmixConfig(QueueConfig):
     name: Literal["unmix"] = "unmix"
     prob_global: Probability = Field(0.5, description="P: share of steps that mix globally (mixup)")
     beta: float = Field(1.0, gt=0.0, description="lambda ~ Beta(beta, beta), one per step")
-    symmetric: bool = Field(True, description="both views as queries (CIFAR default); false: view 1 only")
 
 
 class SnclrConfig(ContrastConfig):
@@ -224,6 +243,10 @@ class SelfconConfig(Section):
     use_labels: bool = Field(
         True, description="false: positives are the same image's other exits (SelfCon-SU)"
     )
+    views: int = Field(
+        1, ge=1, le=2, description="augmented views per image: 1 (SelfCon); 2 (SelfCon-M, or SupCon "
+        "with exits all false)",
+    )  # fmt: skip
 
 
 # One entry per method; the union below is discriminated by ``method.name``.
@@ -452,8 +475,11 @@ class Config(Section):
             raise ValueError(
                 f"method.exits has {len(method.exits)} flags; {backbone} has {points} attachment points"
             )
-        if method.exits is not None and not any(method.exits):
-            raise ValueError("method.exits selects no exit; set at least one flag to true")
+        if method.exits is not None and not any(method.exits) and method.views == 1:
+            raise ValueError(
+                "method.exits selects no exit and method.views=1 leaves one embedding per image; "
+                "allowed: at least one exit, or method.views=2 with no exit (SupCon)"
+            )
 
     def _check_patchmix(self, method: PatchMixConfig) -> None:
         backbone, size = self.backbone, self.data.image_size

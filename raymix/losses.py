@@ -50,6 +50,32 @@ def info_nce(
         return 2.0 * temperature * F.cross_entropy(logits / temperature, labels)
 
 
+def moco_v2_loss(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    offset: int,
+    temperature: float,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MoCo v2's contrastive loss CE([q . k+, q . queue] / tau, 0) (He et al. 2020, Alg. 1).
+
+    The base of the released Un-Mix code: each query's only positive is its own view's key
+    (row offset + b of the gathered ``keys``, (N, D)); its negatives are the (M, D) queue
+    alone, with no in-batch negatives and no 2 tau factor. query: (B, D) local rows. All
+    inputs are L2-normalised here. Without negatives the loss is 0 for every input.
+    """
+    with fp32(query):
+        q = F.normalize(query.float(), dim=1)
+        k = F.normalize(keys[offset : offset + q.shape[0]].float(), dim=1)
+        positive = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
+        if negatives is not None and negatives.numel():
+            logits = torch.cat([positive, q @ F.normalize(negatives.float(), dim=1).T], dim=1)  # (B, 1 + M)
+        else:
+            logits = positive
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits / temperature, labels)
+
+
 def soft_contrast(
     query: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, temperature: float
 ) -> torch.Tensor:

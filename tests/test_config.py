@@ -68,7 +68,7 @@ def test_overrides_do_not_mutate_input():
     "overrides, expected",
     [
         (["data.colour=1"], "unknown key 'data.colour'; allowed keys in data: decode, decode_cpus, download"),
-        (["method.bogus=1"], "unknown key 'method.bogus'; allowed keys in method: momentum"),
+        (["method.bogus=1"], "unknown key 'method.bogus'; allowed keys in method: base, momentum"),
         (["nonsense=1"], "unknown key 'nonsense'; allowed keys: augment"),
         (["method.name=simclr"], "method.name: unknown method 'simclr'; allowed: moco"),
         (["data.name=mnist"], "data.name: Input should be 'digits', 'synthetic'"),

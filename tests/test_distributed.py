@@ -38,9 +38,9 @@ CASES = {
         "method.momentum=0.99", "method.smoothing_mixed=0.1",
     ],
     "unmix-vit-symmetric-queue": [*VIT, "method.name=unmix", "method.queue_size=16"],
-    "unmix-resnet18-asymmetric-region": [
+    "unmix-v2-resnet18-asymmetric-region": [
         "backbone.name=resnet18", "method.name=unmix", "method.symmetric=false",
-        "method.prob_global=0", "method.queue_size=16",
+        "method.prob_global=0", "method.queue_size=16", "method.base=v2", "head.norm=none",
     ],
     # Each worker looks up its own bank; at the first step every bank holds the same start.
     "snclr-vit": [*VIT, "method.name=snclr", "method.bank_size=32", "method.num_neighbors=4"],

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymix.losses import info_nce, soft_contrast, soft_cross_entropy
+from raymix.losses import info_nce, moco_v2_loss, soft_contrast, soft_cross_entropy
 
 
 def reference_info_nce(q, k, offset, tau, negatives=None):
@@ -83,3 +83,38 @@ def test_soft_contrast_exact_values_and_scale_invariance():
     logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.3
     torch.testing.assert_close(soft_contrast(q, k, targets, 0.3), soft_cross_entropy(logits, targets))
     torch.testing.assert_close(soft_contrast(7 * q, 0.1 * k, targets, 0.3), soft_contrast(q, k, targets, 0.3))
+
+
+def reference_moco_v2(q, k, offset, tau, negatives):
+    """He et al. 2020, Algorithm 1, one query at a time: the own key first, then the queue."""
+    total = 0.0
+    for b in range(q.shape[0]):
+        columns = [k[offset + b]] + list(negatives)
+        logits = torch.stack([F.cosine_similarity(q[b], c, dim=0) for c in columns]) / tau
+        total = total - (logits[0] - torch.logsumexp(logits, 0))
+    return total / q.shape[0]
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_moco_v2_loss_matches_reference(offset):
+    g = torch.Generator().manual_seed(1)
+    q, k, queue = (torch.randn(n, 8, generator=g) for n in (3, 9, 5))
+    expected = reference_moco_v2(q, k, offset, 0.1, queue)
+    torch.testing.assert_close(moco_v2_loss(q, k, offset, 0.1, queue), expected)
+
+
+def test_moco_v2_loss_exact_value_and_no_in_batch_negatives():
+    # Each query equals its key (cosine 1) and is orthogonal to the M = 3 queued keys (0).
+    eye = torch.eye(6)
+    q, keys, queue = eye[:2], eye[:2], eye[2:5]
+    tau = 0.2
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 3))
+    assert moco_v2_loss(q, keys, 0, tau, queue).item() == pytest.approx(expected, rel=1e-6)
+    # Other rows of the gathered keys are no negatives: replacing them changes nothing.
+    keys_elsewhere = torch.cat([torch.randn(4, 6), keys])
+    assert moco_v2_loss(q, keys_elsewhere, 4, tau, queue).item() == pytest.approx(expected, rel=1e-6)
+    # No 2 tau factor: tau enters through the logits alone.
+    at_half = -math.log(math.exp(2) / (math.exp(2) + 3))
+    assert moco_v2_loss(q, keys, 0, 0.5, queue).item() == pytest.approx(at_half)
+    # Without a queue the positive is the only column: the loss is 0.
+    assert moco_v2_loss(q, keys, 0, tau, None).item() == 0.0

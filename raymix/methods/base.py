@@ -4,7 +4,9 @@ Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision Transforme
 (arXiv 2104.02057): online branch f = predictor(projector(backbone)), key branch
 g = projector(backbone) of an EMA copy, or of the online weights under no_grad when
 ``momentum`` is null. Keys are gathered without gradient; an optional MoCo v2 queue of
-past clean keys adds negatives.
+past clean keys adds negatives. The MoCo family (MoCo, Un-Mix) may instead run on the
+MoCo v2 base (``method.base: v2``, He et al. 2020 / Chen et al. 2020): no predictor, the
+query is the projector output, and the loss contrasts it with its own key and the queue.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from raymix import dist
 from raymix.config import Config, ContrastConfig
-from raymix.losses import info_nce
+from raymix.losses import info_nce, moco_v2_loss
 from raymix.models import build_backbone, ema_update, feature_dim, mlp, momentum_copy
 from raymix.schedules import momentum_schedule
 
@@ -81,7 +83,12 @@ class Method(nn.Module):
 
 
 class ContrastiveMethod(Method):
-    """The MoCo v3 base: backbone, projector, predictor, key encoder and queue."""
+    """The MoCo v3 base: backbone, projector, predictor, key encoder and queue.
+
+    With ``method.base: v2`` there is no predictor (:meth:`online` returns the projection
+    twice) and ``self.loss`` is :func:`~raymix.losses.moco_v2_loss`: the methods' forwards
+    are the same for both bases.
+    """
 
     queue: torch.Tensor
     queue_ptr: torch.Tensor
@@ -91,10 +98,17 @@ class ContrastiveMethod(Method):
         method, head = cfg.method, cfg.head
         assert isinstance(method, ContrastConfig)
         self.backbone = build_backbone(cfg.backbone, cfg.data.image_size)
-        self.projector = mlp(feature_dim(self.backbone), head.hidden_dim, head.out_dim, head.projector_layers)
-        self.predictor = mlp(head.out_dim, head.hidden_dim, head.out_dim, head.predictor_layers)
+        batchnorm = head.norm == "batchnorm"
+        self.base = getattr(method, "base", "v3")
+        width = feature_dim(self.backbone)
+        self.projector = mlp(width, head.hidden_dim, head.out_dim, head.projector_layers, batchnorm=batchnorm)
+        self.predictor: nn.Module | None = None
+        if self.base == "v3":
+            self.predictor = mlp(
+                head.out_dim, head.hidden_dim, head.out_dim, head.predictor_layers, batchnorm=batchnorm
+            )
         self.temperature = method.temperature
-        self.loss = info_nce
+        self.loss = info_nce if self.base == "v3" else moco_v2_loss
         self.base_momentum = method.momentum
         self.momentum_schedule = method.momentum_schedule
         # Shuffle BN (He et al. 2020, section 3.3) on one worker for a ResNet's keys.
@@ -113,9 +127,11 @@ class ContrastiveMethod(Method):
     # -- branches
 
     def online(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(projector output z, predictor output p) of the online branch, each (B, out_dim)."""
+        """(projector output z, predictor output p) of the online branch, each (B, out_dim).
+
+        The v2 base has no predictor: its query is z itself, returned as both."""
         z = self.projector(self.backbone(x))
-        return z, self.predictor(z)
+        return z, (z if self.predictor is None else self.predictor(z))
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Single-view contrast between the backbone's output and sub-networks attached at
 intermediate layers: every image gives V = exits + 1 embeddings, and SupCon over them
 pulls together the same image's embeddings (SelfCon-SU, ``use_labels: false``) or, by
 default, every embedding of the same class. The one supervised method: the trainer
-passes it the labels.
+passes it the labels. ``method.views: 2`` adds a second augmented view (SelfCon-M); with
+no exit it is SupCon (Khosla et al. 2020), the base SelfCon is compared with.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ class SelfCon(Method):
     loss contrasts the global batch; each worker averages over its own anchors.
     """
 
-    num_views = 1
-
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         method = cfg.method
         assert isinstance(method, SelfconConfig)
+        # One view (SelfCon); two: SelfCon-M, or SupCon (Khosla et al. 2020) without exits.
+        self.num_views = method.views
         self.uses_labels = method.use_labels
         self.temperature: float = method.temperature
         self.loss = supcon_loss
@@ -70,9 +71,11 @@ class SelfCon(Method):
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """SupCon over the outputs of view 1 (single view: the trainer augments no second one)."""
-        outputs = self.multi(view1)
-        features = torch.stack([h(z) for h, z in zip(self.heads, outputs, strict=True)], dim=1)  # (B, V, D)
+        """SupCon over the outputs of view 1 (single view: the trainer augments no second one),
+        and of view 2 when ``method.views=2``: rows [view 1's outputs, view 2's outputs]."""
+        views = [view1] if self.num_views == 1 or view2 is None else [view1, view2]
+        embeddings = [h(z) for view in views for h, z in zip(self.heads, self.multi(view), strict=True)]
+        features = torch.stack(embeddings, dim=1)  # (B, V, D)
         batch = features.shape[0]
         gathered = dist.gather_with_grad(features)  # (N, V, D)
         gathered_labels = None

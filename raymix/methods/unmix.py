@@ -67,10 +67,11 @@ def unmix_images(
 
 
 class UnMix(MixingMethod):
-    """Un-Mix on the MoCo v3 base, with or without a queue.
+    """Un-Mix on the MoCo family's base: v3 (with or without a queue) or v2 (``method.base``).
 
     Asymmetric: ``l(q1, k2) + lam * l(qm, k2) + (1 - lam) * l(qmf, k2)``; symmetric adds
-    the same with q2 and k1. l is the base contrast (2 tau CE, queue negatives appended);
+    the same with q2 and k1. l is the base contrast (v3: 2 tau CE, queue negatives appended;
+    v2: CE against the own key and the queue, the projection as query);
     qm are the online embeddings of the mixture of view 1, qmf = qm reversed (the mixture
     with the roles of the two images swapped, without a second pass). Only clean keys are
     enqueued. lambda, the mode and the box come from the step's generator, the same on

@@ -139,3 +139,70 @@ def test_vit_keys_and_grouping_off_see_the_whole_batch():
     method = make("backbone.name=resnet18", "backbone.key_bn_groups=1")
     x = torch.randn(8, 3, 16, 16)
     torch.testing.assert_close(method.keys(x), method._encode_keys(x))
+
+
+# ---------------------------------------------------------------- the MoCo v2 base
+
+
+def v2_reference(method, x1, x2, symmetric):
+    """The released MoCo v2 / Un-Mix CIFAR loss written from its definition: the query is
+    the normalised projection, the positive its own key, the negatives the queue alone."""
+    queue = method.queue.clone()
+    tau = method.temperature
+
+    def ce(q, k):
+        q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+        n = torch.nn.functional.normalize(queue, dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ n.T], dim=1) / tau
+        return torch.nn.functional.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+    z1 = method.projector(method.backbone(x1))
+    k1, k2 = method.keys(x1), method.keys(x2)
+    if not symmetric:
+        return ce(z1, k2)
+    z2 = method.projector(method.backbone(x2))
+    return ce(z1, k2) + ce(z2, k1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_v2_base_computes_the_released_loss(symmetric):
+    method = make("method.base=v2", "method.queue_size=12", f"method.symmetric={str(symmetric).lower()}")
+    assert method.predictor is None
+    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    expected = v2_reference(method, x1, x2, symmetric)
+    loss, _ = method(x1, x2)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # Only the keys used as keys enter the queue: both views' when symmetric, view 2's otherwise.
+    assert method.queue_ptr.item() == (12 if symmetric else 6) % 12
+    loss.backward()
+    assert method.projector[0].weight.grad is not None
+    assert all(p.grad is None for p in method.key_backbone.parameters())
+
+
+def test_v2_base_needs_a_queue_and_heads_without_batchnorm():
+    from raymix.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method.base=v2.*method.queue_size"):
+        load_config(None, [*TINY, "method.base=v2"])
+    with pytest.raises(ConfigError, match="method.base"):
+        load_config(None, [*TINY, "method.base=v1"])
+    method = make("method.base=v2", "method.queue_size=8", "head.norm=none", "head.projector_layers=2")
+    layers = list(method.projector)
+    assert [type(m).__name__ for m in layers] == ["Linear", "ReLU", "Linear"]
+    assert all(m.bias is not None for m in layers if isinstance(m, torch.nn.Linear))
+    # One layer: the single linear layer of the CIFAR MoCo code.
+    single = make("method.base=v2", "method.queue_size=8", "head.norm=none", "head.projector_layers=1")
+    assert [type(m).__name__ for m in single.projector] == ["Linear"]
+    # v3 heads keep BatchNorm and a predictor.
+    v3 = make()
+    assert v3.predictor is not None and any(isinstance(m, torch.nn.BatchNorm1d) for m in v3.projector)
+
+
+def test_asymmetric_v3_contrasts_view_1_with_view_2_only():
+    method = make("method.symmetric=false", "method.momentum=null")
+    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    from raymix.losses import info_nce
+
+    expected = info_nce(method.online(x1)[1], method.keys(x2), 0, method.temperature)
+    loss, _ = method(x1, x2)
+    torch.testing.assert_close(loss, expected)

@@ -164,13 +164,32 @@ def test_forward_is_supcon_over_backbone_and_exit_embeddings():
         torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("exits", ["[false,false,false]", "[false,true,false]"])
+def test_two_views_stack_both_views_outputs_supcon_without_exits(exits):
+    """method.views=2: rows are view 1's outputs, then view 2's; with no exit this is SupCon
+    over the backbone's two views (Khosla et al. 2020), the base SelfCon is compared with."""
+    torch.manual_seed(0)
+    method = build_method(load_config(None, [*TINY, "method.views=2", f"method.exits={exits}"]))
+    assert method.num_views == 2 and len(method.heads) == 1 + exits.count("true")
+    x1, x2, labels = torch.randn(5, 3, 16, 16), torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 0, 1, 2])
+    loss, _ = method(x1, x2, labels)
+    rows = [h(z) for x in (x1, x2) for h, z in zip(method.heads, method.multi(x), strict=True)]
+    expected = reference_supcon(torch.stack(rows, dim=1), labels, method.temperature)
+    torch.testing.assert_close(loss, expected)
+    # The trainer augments two views for it.
+    cfg = load_config(None, [*TINY, "method.views=2", f"method.exits={exits}", "data.name=synthetic",
+                             "training.batch_size=16"])  # fmt: skip
+    assert Trainer(cfg).method.num_views == 2
+
+
 # ---------------------------------------------------------------- config
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["method.exits=[false,false,false]"], "method.exits selects no exit"),
+        (["method.exits=[false,false,false]"], "method.exits selects no exit and method.views=1"),
+        (["method.views=3"], "method.views"),
         (["method.exits=[true,false]"],
          "method.exits has 2 flags; backbone.name=vit_micro with depth 4 has 3"),
         (["backbone.name=resnet18", "method.exits=[true,false,true,true]"],

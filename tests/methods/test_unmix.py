@@ -187,6 +187,39 @@ def test_loss_matches_the_slow_reference(extra, symmetric, tau):
     assert logs["unmix/global"].item() == float(mode == "global")
 
 
+def released_v2_loss(method, x1, x2, mixed, lam, symmetric):
+    """The released Un-Mix CIFAR ``contrastive_loss``, written out: normalised projections
+    as queries, logits [q.k, q.queue] / tau, CE to column 0, the mixture's flip its reversal."""
+    tau, queue = method.temperature, F.normalize(method.queue.clone(), dim=1)
+
+    def ce(q, k):
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / tau
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+    project = lambda x: method.projector(method.backbone(x))  # noqa: E731
+    q_mix = project(mixed)
+    q_flip = torch.flip(q_mix, (0,))
+    k1, k2 = method.keys(x1), method.keys(x2)
+    loss = ce(project(x1), k2) + lam * ce(q_mix, k2) + (1 - lam) * ce(q_flip, k2)
+    if symmetric:
+        loss = loss + ce(project(x2), k1) + lam * ce(q_mix, k1) + (1 - lam) * ce(q_flip, k1)
+    return loss
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_v2_base_computes_the_released_loss(symmetric):
+    method = make(
+        "method.base=v2", "method.queue_size=24", "head.norm=none", "head.projector_layers=1",
+        f"method.symmetric={str(symmetric).lower()}",
+    )  # fmt: skip
+    x1, x2 = views()
+    mixed, lam, _ = step_mix(x1)
+    expected = released_v2_loss(method, x1, x2, mixed, lam, symmetric)
+    loss, _ = method(x1, x2)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_only_clean_keys_enter_the_queue():
     for symmetric in (True, False):
         method = make("method.queue_size=24", f"method.symmetric={str(symmetric).lower()}")
