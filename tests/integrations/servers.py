@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,11 +65,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def _serving(command: list[str], log: Path, ready: str, timeout: float) -> Iterator[None]:
+def _serving(
+    command: list[str], log: Path, ready: str, timeout: float, extra_env: Mapping[str, str] | None = None
+) -> Iterator[None]:
     """Run ``command`` in its own process group until ``ready`` answers; stop it on exit."""
+    env = {**venv_env(), **(extra_env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            command, env=venv_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     _wait(proc, ready, log, timeout)
     try:
@@ -86,6 +89,18 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     script = str(REPO / "launch" / "mlflow_server.sh")
     command = [script, "--port", str(port), "--dir", str(folder / "mlflow")]
     with _serving(command, folder / "mlflow-server.log", f"{url}/health", timeout=120):
+        yield url
+
+
+@contextmanager
+def mlflow_server_with(folder: Path, *options: str, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """``launch/mlflow_server.sh`` with more ``options`` (a ``--backend-store-uri``...) and
+    ``env`` added to its environment, on a free loopback port; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    script = str(REPO / "launch" / "mlflow_server.sh")
+    command = [script, "--port", str(port), "--dir", str(folder / "mlflow"), *options]
+    with _serving(command, folder / "mlflow-server.log", f"{url}/health", timeout=120, extra_env=env):
         yield url
 
 
