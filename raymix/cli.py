@@ -1,10 +1,14 @@
-"""The ``raymix`` command line: parses, validates, dispatches. Nothing else lives here."""
+"""The ``raymix`` command line: parses, validates, dispatches. Nothing else lives here.
+
+``train`` and ``tune`` are thin layers over :func:`raymix.api.fit` and :func:`raymix.api.tune`.
+Only cheap modules are imported here (the config models): torch, timm, Ray, Optuna and
+MLflow are imported by the command that needs them, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,8 +16,11 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
-from raymix.config import Config, ConfigError, load_config
-from raymix.engine.run import RunFailedError
+from raymix.api import uses_ray
+from raymix.config import DEFAULT_METHOD, METHOD_CONFIGS, Config, ConfigError, load_config
+from raymix.errors import RunFailedError
+
+__all__ = ["main", "uses_ray"]
 
 EXIT_BAD_INPUT = 2
 
@@ -26,14 +33,24 @@ def _options(model: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines += _options(annotation, f"{prefix}{name}.")
             continue
-        if name == "method" and not prefix:
-            lines += _options(type(Config().method), "method.")
+        if model is Config and name == "method":
+            lines += _method_options()
             continue
         default = field.get_default(call_default_factory=True)
         note = f"  {field.description}" if field.description else ""
         if get_origin(annotation) is Literal:
             note = f"  one of: {', '.join(map(str, get_args(annotation)))}.{note}"
         lines.append(f"  {prefix}{name} = {json.dumps(default, default=str)}{note}")
+    return lines
+
+
+def _method_options() -> list[str]:
+    """``method.name``, then each method's own keys under its heading (from its config model)."""
+    names = ", ".join(METHOD_CONFIGS)
+    lines = [f"  method.name = {json.dumps(DEFAULT_METHOD)}  one of: {names}. Each method has its own keys:"]
+    for name, model in METHOD_CONFIGS.items():
+        own = [line for line in _options(model, "method.") if not line.startswith("  method.name =")]
+        lines += [f"  [{name}] method.name={name}", *(f"  {line}" for line in own)]
     return lines
 
 
@@ -129,16 +146,19 @@ def _parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser(
         "submit",
-        help="run tune or train on a Ray cluster with ray job submit",
-        description="Submit `raymix COMMAND ...` to a Ray cluster's job server with this folder as the "
-        "job's working directory. Prints the ray job submit command it runs; waits for the job and "
-        "exits 0 if it succeeded, 1 if it failed (unless --no-wait).",
+        help="run tune or train on a Ray cluster as a Ray job",
+        description="Submit `raymix COMMAND ...` to a Ray cluster's job server (Ray's job SDK) with "
+        "this folder as the job's working directory. Prints the job's id and dashboard link, follows "
+        "its logs and exits 0 if it succeeded, 1 if it failed or was stopped (--no-wait: 0 once "
+        "submitted). While the head's job agent is not ready yet the job is submitted again (up to "
+        "90 s). Token authentication: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.",
         epilog="example: raymix submit --address http://127.0.0.1:8265 --storage /shared/sweeps "
         "--tracking-uri http://127.0.0.1:5000 -- tune search_spaces/quickstart.yaml",
     )
     submit.add_argument(
         "--address",
-        help="the head's job server, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)",
+        help="the head's job server, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS; "
+        "not needed with --dry-run)",
     )
     submit.add_argument(
         "--storage",
@@ -153,7 +173,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
-    submit.add_argument("--dry-run", action="store_true", help="check and print the command; submit nothing")
+    submit.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the job and print the request as JSON (entrypoint, runtime_env, submission_id, "
+        "metadata; secrets masked); submit nothing",
+    )
     submit.add_argument(
         "job", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="tune SPACE ... or train CONFIG ..."
     )
@@ -185,28 +210,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def uses_ray(cfg: Config) -> bool:
-    """``scaling.backend=auto``: Ray Train for several workers, when a cluster is named or
-    when Ray Data decodes the images (``data.loader=ray``)."""
-    backend = cfg.scaling.backend
-    return backend == "ray" or (
-        backend == "auto"
-        and (cfg.scaling.num_workers > 1 or "RAY_ADDRESS" in os.environ or cfg.data.loader == "ray")
-    )
-
-
 def _train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if uses_ray(cfg):
-        from raymix.integrations.ray_train import run
+    from raymix import api
 
-        result = run(cfg)
-    else:
-        from raymix.engine.run import fit
-
-        result = fit(cfg, progress=not args.no_progress)
-        print(f"final: knn_top1 {result['knn_top1']:.4f} (at initialisation {result['knn_top1_init']:.4f})")
-    print(f"best checkpoint: {result['best_checkpoint']}")
+    result = api.fit(args.config, args.overrides, progress=not args.no_progress)
+    if result.backend == "local":  # Ray Train's driver prints its own summary
+        metrics = result.metrics
+        print(f"final: knn_top1 {metrics['knn_top1']:.4f} (at initialisation {metrics['knn_top1_init']:.4f})")
+    print(f"best checkpoint: {result.best_checkpoint}")
     return 0
 
 
@@ -295,11 +306,11 @@ def _sweep_controls(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from raymix.integrations.sweep import run_sweep
+    from raymix import api
 
-    board = run_sweep(
+    board = api.tune(
         args.space, args.overrides, name=args.name, resume=args.resume,
-        optuna_storage=args.optuna_storage, controls=_sweep_controls(args),
+        optuna_storage=args.optuna_storage, **_sweep_controls(args),
     )  # fmt: skip
     best = board.best_row()
     unfinished = [row for row in board.rows if row.outcome not in ("completed", "pruned", "failed")]

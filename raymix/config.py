@@ -346,11 +346,18 @@ class EvalConfig(Section):
 
 
 class TrackingConfig(Section):
-    enabled: bool = Field(True, description="sweeps: record the sweep and every trial in MLflow")
+    enabled: bool = Field(
+        True,
+        description="record in MLflow every run (raymix train: one run) and every sweep "
+        "(a parent run and one child run per trial)",
+    )
     uri: str | None = Field(
         None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins; null: sqlite:///mlflow.db here"
     )
     experiment: str = "raymix"
+    log_checkpoints: Literal["best", "last", "both", "none"] = Field(
+        "best", description="checkpoints logged as MLflow artifacts at the end of a run or trial"
+    )
 
 
 class ScalingConfig(Section):

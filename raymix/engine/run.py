@@ -6,12 +6,15 @@ Output folder layout::
     metrics.jsonl          one line per epoch (epoch 0: the encoder at initialisation)
     checkpoints/last.pt    the latest state (resumed from when the same run starts again)
     checkpoints/best.pt    the state with the best knn_top1
+    mlflow_run.json        the run's MLflow record, continued on resume (tracking.enabled)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +25,13 @@ from raymix.config import MUTABLE_KEYS, Config, ConfigError
 from raymix.engine.checkpoint import (
     CheckpointError,
     check_writable,
+    first_missing,
     load_checkpoint,
     save_checkpoint,
     storage_error,
 )
 from raymix.engine.loop import EpochEnd, fresh, train_loop
+from raymix.errors import RunFailedError  # re-exported: it was defined here
 
 # Keys that may change between a run and its resumption: they do not alter the trajectory.
 RESUMABLE_CHANGES = (
@@ -43,10 +48,6 @@ RESUMABLE_CHANGES = (
     "debug.",
     "scaling.max_failures",
 )
-
-
-class RunFailedError(RuntimeError):
-    """A run that stopped with an error (a non-finite loss, a failed worker group)."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -156,15 +157,29 @@ class LocalReport:
 def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg`` to its last epoch, resuming its folder's latest checkpoint if there is one.
 
-    Everything that can reject the input (config, data, an incompatible old run) happens
-    before the first file is written. Returns the last epoch's metrics plus the paths.
+    Everything that can reject the input (config, data, an incompatible old run, a tracking
+    store that cannot be used) happens before the first file is written. With
+    ``tracking.enabled`` the run is recorded in MLflow (see
+    :mod:`raymix.integrations.run_tracking`). Returns the last epoch's metrics plus the paths.
     """
     from raymix.engine.trainer import Trainer  # torch, timm: only once a run starts
 
     trainer = Trainer(cfg)
     state = resume_state(cfg)
+    tracker = None
+    if cfg.tracking.enabled:
+        from raymix.integrations.run_tracking import RunTracker  # MLflow: only for runs it records
+
+        tracker = RunTracker.connect(cfg)  # a server that does not answer stops the run here
     out = cfg.output_dir
+    created = first_missing(out)
     check_writable(out, "training.output_dir")
+    try:
+        record = tracker.start(cfg, out.resolve(), resumed=state is not None, log=log) if tracker else None
+    except ConfigError:
+        if created is not None:  # refused before training: leave nothing behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     report = LocalReport(out)
     if state is not None:
@@ -173,11 +188,17 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = Tru
         log(f"resuming {out} after epoch {int(state['epoch'])}")
     else:
         replace_text(report.history, "")
-    try:
-        metrics = train_loop(trainer, state, report, log=log, progress=progress and cfg.training.progress)
-    except FloatingPointError as exc:
-        saved = report.checkpoints / "last.pt"
-        where = f"the last checkpoint is kept in {saved}" if saved.exists() else "no checkpoint was written"
-        raise RunFailedError(f"{exc}; {where}") from exc
+    with record.running() if record else contextlib.nullcontext():  # MLflow: FAILED if it raises
+        try:
+            epochs = record.around(report) if record else report
+            metrics = train_loop(trainer, state, epochs, log=log, progress=progress and cfg.training.progress)
+        except FloatingPointError as exc:
+            saved = report.checkpoints / "last.pt"
+            where = (
+                f"the last checkpoint is kept in {saved}" if saved.exists() else "no checkpoint was written"
+            )
+            raise RunFailedError(f"{exc}; {where}") from exc
     best = report.checkpoints / "best.pt"
+    if record:
+        record.finish({"best": best, "last": report.checkpoints / "last.pt"})
     return {**metrics, "output_dir": str(out), "best_checkpoint": str(best)}

@@ -10,6 +10,13 @@ Ray keeps the best ``training.keep_checkpoints`` checkpoints by knn_top1 plus th
 each holds ``state.pt`` (what :meth:`Trainer.state_dict` returns plus the run summary).
 Running the same run again resumes from the latest checkpoint; with
 ``scaling.max_failures >= 1`` a failed worker group restarts from it.
+
+With ``tracking.enabled`` the run is one MLflow run (:mod:`raymix.integrations.run_tracking`),
+written on the driver's node only: the driver opens it (or reopens the one the run folder
+names, when Ray Train resumes a checkpoint), :class:`EpochRecorder` in Train's controller
+(which Ray places on the driver's node) logs rank 0's metrics as they are reported, and the
+driver logs the checkpoints and closes it. Workers never touch the store: a SQLite store on
+the driver's disk works on any cluster, and a restarted worker group cannot open a second run.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -36,6 +44,9 @@ from raymix.engine.checkpoint import check_writable, first_missing, load_checkpo
 from raymix.engine.loop import EpochEnd
 from raymix.engine.run import RunFailedError
 from raymix.integrations.cluster import check_shared_storage, init_ray, storage_key, storage_override
+
+if TYPE_CHECKING:  # MLflow loads only for runs that it records
+    from raymix.integrations.run_tracking import RunRecord, RunTracker
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.json"
@@ -199,13 +210,63 @@ def check_storage(storage_path: str, name: str, key: str = "scaling.storage_path
     check_writable(Path(storage_path) / name, key)
 
 
-def best_checkpoint(result: Any) -> str | None:
-    """Path of the state file of the best reported checkpoint by knn_top1."""
+def _best(result: Any) -> Any:
+    """The best reported checkpoint by knn_top1, if any."""
     scored = [(m.get("knn_top1", -math.inf), c) for c, m in (result.best_checkpoints or [])]
     if not scored:
         return None
-    _, checkpoint = max(scored, key=lambda pair: pair[0])
-    return str(Path(checkpoint.path) / STATE_FILE)
+    return max(scored, key=lambda pair: pair[0])[1]
+
+
+def best_checkpoint(result: Any) -> str | None:
+    """Path of the state file of the best reported checkpoint by knn_top1."""
+    checkpoint = _best(result)
+    return None if checkpoint is None else str(Path(checkpoint.path) / STATE_FILE)
+
+
+# ---------------------------------------------------------------- the MLflow record
+
+
+class EpochRecorder(ray.train.UserCallback):
+    """Rank 0's reported epochs into the run's MLflow record, from Train's controller."""
+
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics:
+            self.record.epoch(metrics[0])  # metrics[i]: world rank i's; rank 0 holds the evaluation
+
+
+def has_checkpoint(storage_path: str, name: str) -> bool:
+    """Whether the run folder holds a checkpoint that Ray Train will resume from."""
+    import pyarrow.fs
+
+    location = f"{storage_path.rstrip('/')}/{name}"
+    try:
+        if "://" in location:
+            fs, path = pyarrow.fs.FileSystem.from_uri(location)
+        else:
+            fs, path = pyarrow.fs.LocalFileSystem(), location
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except (OSError, ValueError):
+        return False
+    return any(
+        i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_") for i in infos
+    )
+
+
+def close_record(record: RunRecord, result: Any) -> None:
+    """The best and latest checkpoints (local copies of remote ones) into the record; FINISHED."""
+    from raymix.integrations.run_tracking import CHECKPOINT_KINDS
+
+    with ExitStack() as stack:
+        folders = {
+            kind: stack.enter_context(checkpoint.as_directory())
+            for kind, checkpoint in (("best", _best(result)), ("last", result.checkpoint))
+            if checkpoint is not None and kind in CHECKPOINT_KINDS[record.log_checkpoints]
+        }
+        record.finish(folders)
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -226,11 +287,17 @@ def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """
     cfg = absolute_paths(cfg)
     storage_path, name = run_location(cfg)
+    tracker: RunTracker | None = None
+    if cfg.tracking.enabled:
+        from raymix.integrations.run_tracking import RunTracker
+
+        tracker = RunTracker.connect(cfg)  # an MLflow server that does not answer stops the run here
     given = bool(storage_override() or cfg.scaling.storage_path)
     key = storage_key("scaling.storage_path")
     created = first_missing(f"{storage_path}/{name}")  # removed again if the run is refused
     check_storage(storage_path, name, key if given else "training.output_dir")  # needs no cluster
     started = training = False
+    record: RunRecord | None = None
     # The datasets are built once, here, while Ray starts, and reach every worker through
     # the object store; a bad data setting fails before any worker starts.
     pool = ThreadPoolExecutor(1)
@@ -242,17 +309,32 @@ def run(cfg: Config, *, log: Callable[[str], None] = print) -> dict[str, Any]:
         check_shared_storage(storage_path, given, key)
         data = ray.put(datasets.result())
         log(f"Ray Train: {cfg.scaling.num_workers} worker(s), run folder {Path(storage_path) / name}")
+        if tracker is not None:
+            resumed = has_checkpoint(storage_path, name)
+            record = tracker.start(cfg, f"{storage_path}/{name}", resumed=resumed, log=log)
         training = True
-        result = build_trainer(cfg, storage_path, name, data=data).fit()
+        callbacks = [EpochRecorder(record)] if record else []
+        result = build_trainer(cfg, storage_path, name, data=data, callbacks=callbacks).fit()
     except ray.train.TrainingFailedError as exc:
-        raise RunFailedError(f"training failed after {cfg.scaling.max_failures} restart(s): {exc}") from exc
-    except ConfigError:
+        error = RunFailedError(f"training failed after {cfg.scaling.max_failures} restart(s): {exc}")
+        if record:
+            record.fail(error)
+        raise error from exc
+    except ConfigError as exc:
         if not training and created is not None:  # refused before training: leave nothing behind
             shutil.rmtree(created, ignore_errors=True)
+        if record:
+            record.fail(exc)
+        raise
+    except BaseException as exc:
+        if record:
+            record.fail(exc)
         raise
     finally:
         if started:
             ray.shutdown()
+    if record:
+        close_record(record, result)
     metrics = dict(result.metrics or {})
     summary = {key: metrics[key] for key in ("epoch", "loss", "knn_top1", "knn_top1_init") if key in metrics}
     log("final: " + json.dumps(summary))

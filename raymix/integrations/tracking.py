@@ -12,38 +12,50 @@ tags its Pareto front's runs ``raymix.pareto=true`` (the others ``false``) and l
 front on the parent (tag ``raymix.pareto_front``, artifact ``pareto_front.csv``).
 
 A resumed sweep finds its parent and children again by tags (``raymix.sweep``,
-``raymix.trial_id``) and logs only epochs that are not recorded yet.
+``raymix.trial_id``) and logs only epochs that are not recorded yet. The parent and the
+trials carry the same system tags as single runs (:func:`run_tracking.system_tags`);
+``tracking.log_checkpoints`` says which of a trial's checkpoints are logged (best by
+default). The sweep folder itself is not copied: the parent gets only its summary files.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import math
-import os
-import re
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from raymix.config import ConfigError, TrackingConfig
-from raymix.engine.loop import fresh
 from raymix.engine.run import flatten
 from raymix.integrations import study
 from raymix.integrations.cluster import redact_uri
-from raymix.integrations.leaderboard import Board, file_system, trial_error
+from raymix.integrations.leaderboard import (
+    BEST_CONFIG_FILE,
+    LEADERBOARD_FILE,
+    PARETO_FILE,
+    Board,
+    file_system,
+    trial_error,
+)
 from raymix.integrations.plan import Sweep
 from raymix.integrations.ray_train import METRICS_FILE
+from raymix.integrations.run_tracking import (  # noqa: F401 (check_reachable, tracking_uri: re-exported)
+    CHECKPOINT_KINDS,
+    check_reachable,
+    epoch_metrics,
+    experiment_id,
+    log_params,
+    store_error,
+    store_lock,
+    system_tags,
+    tracking_uri,
+)
 from raymix.integrations.search_space import (
     POPULATION_SCHEDULERS,
     SearchSpace,
@@ -54,8 +66,6 @@ from raymix.integrations.search_space import (
 
 SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "raymix.sweep", "raymix.trial_id", "mlflow.parentRunId"
 PARETO_TAG = "raymix.pareto"  # multi-objective sweeps: "true" on the runs of the Pareto front
-RETRIES_ENV, TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"
-BATCH = 100  # MLflow takes at most 100 params per batch
 # Keys Tune adds to every result: bookkeeping, not measurements.
 TUNE_KEYS = {
     "done", "training_iteration", "trial_id", "timestamp", "time_this_iter_s", "time_total_s",
@@ -64,125 +74,9 @@ TUNE_KEYS = {
 }  # fmt: skip
 
 
-def tracking_uri(configured: str | None) -> str:
-    """``MLFLOW_TRACKING_URI``, else the config's, else ``sqlite:///mlflow.db`` here; made absolute."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or "sqlite:///mlflow.db"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).expanduser().resolve())
-    return uri
-
-
-def uri_source() -> str:
-    """Which setting the tracking URI came from, for messages."""
-    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
-
-
-@contextlib.contextmanager
-def _impatient_http(timeout: float) -> Iterator[None]:
-    """MLflow's HTTP calls without retries and with a short timeout, for the start-up check."""
-    saved = {key: os.environ.get(key) for key in (RETRIES_ENV, TIMEOUT_ENV)}
-    os.environ[RETRIES_ENV], os.environ[TIMEOUT_ENV] = "0", str(max(1, round(timeout)))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _reason(exc: BaseException) -> str:
-    """A short reason from MLflow's long error texts: the HTTP status, the socket error, a timeout."""
-    text = str(exc)
-    status = re.search(r"error code (\d{3})|too many (\d{3}) error responses", text)
-    if status:
-        return f"HTTP {status.group(1) or status.group(2)}"
-    if "not in a valid JSON format" in text:
-        return "the answer is not MLflow's: not JSON"
-    if "timed out" in text.lower() or "timeout" in text.lower():
-        return "no answer in time"
-    socket_error = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
-    if socket_error:
-        return socket_error.group(1).strip()
-    lines = text.strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
-
-
-def check_reachable(settings: TrackingConfig, timeout: float = 5.0) -> None:
-    """An MLflow server (http/https URI) must answer MLflow's API within ``timeout`` seconds.
-
-    A search call, without retries: a server that is down, slow, or answers with errors
-    (HTTP 5xx, a page that is not MLflow's) is refused at once with one line, where MLflow's
-    own client would retry for minutes.
-    """
-    uri = tracking_uri(settings.uri)
-    if not settings.enabled or not uri.startswith(("http://", "https://")):
-        return
-    key = uri_source()
-    shown = redact_uri(uri)
-    with _impatient_http(timeout):
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-            return
-        except MlflowException as exc:
-            why = _reason(exc)
-        except (OSError, ValueError) as exc:  # requests' errors are OSErrors
-            why = _reason(exc)
-    raise ConfigError(
-        f"{key} {shown}: no working MLflow server answers there ({redact_uri(why)}). Start one "
-        "(launch/mlflow_server.sh), fix MLFLOW_TRACKING_URI or tracking.uri, or set tracking.enabled=false"
-    )
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """For a SQLite store: one process at a time creates (migrates) the database and the
-    experiment. Two sweeps started at once on a new store otherwise both run MLflow's schema
-    migrations, and one of them fails halfway."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    db = Path(uri.removeprefix("sqlite:///"))
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115 (held across the yield)
-    except OSError as exc:
-        raise ConfigError(f"{uri_source()} {uri}: cannot write beside the database: {exc.strerror}") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _params(values: dict[str, Any]) -> list[Param]:
-    return [
-        Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)[:6000]) for k, v in values.items()
-    ]
-
-
-def _log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
-    params = _params(values)
-    for i in range(0, len(params), BATCH):
-        client.log_batch(run_id, params=params[i : i + BATCH])
-
-
 def _masked(values: dict[str, Any]) -> dict[str, Any]:
     """Values with the password of any URI in them masked (an RDB URL in searcher.storage)."""
     return {k: redact_uri(v) if isinstance(v, str) else v for k, v in values.items()}
-
-
-def _experiment(client: MlflowClient, name: str, uri: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return str(found.experiment_id)
-    location = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the database, not in the working directory
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return str(client.create_experiment(name, artifact_location=location))
 
 
 def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
@@ -197,19 +91,20 @@ def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
     try:
         with store_lock(uri):  # a new SQLite store is created (migrated) by the first client
             client = MlflowClient(uri)
-            experiment_id = _experiment(client, settings.experiment, uri)
+            experiment = experiment_id(client, settings.experiment, uri)
         found = (
-            client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep.path}'", max_results=1)
+            client.search_runs([experiment], f"tags.`{SWEEP_TAG}` = '{sweep.path}'", max_results=1)
             if resume
             else []
         )
+        tags = system_tags("tune")
         if found:
             parent_id = found[0].info.run_id
         else:
-            run = client.create_run(experiment_id, run_name=sweep.name, tags={SWEEP_TAG: sweep.path})
+            run = client.create_run(experiment, run_name=sweep.name, tags={**tags, SWEEP_TAG: sweep.path})
             parent_id = run.info.run_id
             space = sweep.space.model_dump(mode="json")
-            _log_params(
+            log_params(
                 client,
                 parent_id,
                 {
@@ -233,17 +128,16 @@ def open_sweep(sweep: Sweep, *, resume: bool) -> TrialRecorder | None:
                     ],
                 )
     except (MlflowException, OSError) as exc:
-        raise ConfigError(
-            f"{uri_source()} {redact_uri(uri)}: the MLflow tracking store cannot be used: "
-            f"{redact_uri(_reason(exc))}"
-        ) from None
+        raise store_error(uri, exc) from None
     return TrialRecorder(
         uri=uri,
-        experiment_id=experiment_id,
+        experiment_id=experiment,
         parent_run_id=parent_id,
         sweep=sweep.resolved(),
         train_root=f"{sweep.path}/train",
         sweep_name=sweep.name,
+        tags=tags,
+        log_checkpoints=settings.log_checkpoints,
     )
 
 
@@ -270,11 +164,17 @@ def discard_sweep(recorder: TrialRecorder | None) -> None:
 
 
 def close_sweep(recorder: TrialRecorder | None, board: Board, outputs: Path) -> None:
-    """Attach the leaderboard, best config and plots; close the parent unless trials are left."""
+    """Attach the summary files :func:`leaderboard.render` wrote in ``outputs`` (leaderboard,
+    Pareto front, best config, plots; the space was attached at the start), never the sweep
+    folder itself; close the parent unless trials are left."""
     if recorder is None:
         return
     client, parent = recorder.client, recorder.parent_run_id
-    client.log_artifacts(parent, str(outputs))
+    for name in (LEADERBOARD_FILE, PARETO_FILE, BEST_CONFIG_FILE):
+        if (outputs / name).is_file():
+            client.log_artifact(parent, str(outputs / name))
+    if (outputs / "plots").is_dir() and any((outputs / "plots").iterdir()):
+        client.log_artifacts(parent, str(outputs / "plots"), "plots")
     counts: dict[str, int] = {}
     for row in board.rows:
         counts[row.outcome] = counts.get(row.outcome, 0) + 1
@@ -345,9 +245,12 @@ class TrialRecorder(Callback):
         sweep: dict[str, Any],
         train_root: str,
         sweep_name: str,
+        tags: dict[str, str] | None = None,
+        log_checkpoints: str = "best",
     ) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.sweep, self.train_root, self.sweep_name = sweep, train_root, sweep_name
+        self.tags, self.log_checkpoints = dict(tags or {}), log_checkpoints
         self.epochs = config_for(sweep["base"], {}).training.epochs
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}  # trial_id -> run_id
@@ -388,6 +291,7 @@ class TrialRecorder(Callback):
         cfg = trial_config(dict(trial.config), self.sweep["space"], self.sweep["base"])
         point = decode_point(SearchSpace.model_validate(self.sweep["space"]), dict(trial.config))
         tags = {
+            **self.tags,
             PARENT_TAG: self.parent_run_id,
             TRIAL_TAG: trial.trial_id,
             "raymix.sampled": json.dumps(point),
@@ -396,7 +300,7 @@ class TrialRecorder(Callback):
             self.experiment_id, run_name=f"{self.sweep_name}-{trial.trial_id}", tags=tags
         )
         run_id = run.info.run_id
-        _log_params(self.client, run_id, flatten(cfg.to_dict()))
+        log_params(self.client, run_id, flatten(cfg.to_dict()))
         self.client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
         return run_id
 
@@ -417,7 +321,9 @@ class TrialRecorder(Callback):
         sign = 1.0 if self.sweep["space"]["mode"] == "max" else -1.0
         last = max(found, key=lambda fm: fm[1].get("epoch", 0))[0]
         best = max(scored, key=lambda fm: sign * fm[1][self.metric])[0] if scored else last
-        for name, folder in (("best", best), ("last", last)):
+        chosen = {"best": best, "last": last}
+        for name in CHECKPOINT_KINDS[self.log_checkpoints]:
+            folder = chosen[name]
             if "://" in folder:
                 with tempfile.TemporaryDirectory() as tmp:
                     fs, path = file_system(folder)
@@ -439,14 +345,7 @@ class TrialRecorder(Callback):
         epoch = int(result.get("epoch", 0))
         if epoch <= self._epochs.get(trial.trial_id, 0):
             return  # recorded before the driver was restarted
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), now, epoch)
-            for key, value in fresh(result).items()
-            if key not in TUNE_KEYS and isinstance(value, int | float) and not isinstance(value, bool)
-            and not (isinstance(value, float) and math.isinf(value))
-        ]  # fmt: skip
-        self.client.log_batch(run_id, metrics=metrics)
+        self.client.log_batch(run_id, metrics=epoch_metrics(result, epoch, TUNE_KEYS))
         self._epochs[trial.trial_id] = epoch
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

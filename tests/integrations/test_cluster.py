@@ -45,21 +45,22 @@ def test_auth_mode_follows_ray_start(tmp_path):
     assert env["RAY_AUTH_MODE"] == "token"
 
 
-def test_submit_sets_the_same_auth_mode_for_ray_job_submit(tmp_path):
+def test_submit_uses_the_same_auth_mode_and_sends_the_token_as_a_header(tmp_path):
     token = tmp_path / "token"
     token.write_text("secret")
     job = jobs.prepare_job(
         ["tune", QUICKSTART], ("tune", QUICKSTART, ["tracking.enabled=false"]),
         address="head:8265", storage=str(tmp_path), tracking_uri=None,
     )  # fmt: skip
-    for environ, shown in [
-        ({"RAY_AUTH_TOKEN_PATH": str(token)}, "RAY_AUTH_MODE=token ray job submit"),
-        ({"RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_MODE": "disabled"}, "RAY_AUTH_MODE=disabled ray job"),
-        ({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}, "ray job submit --address http://head:8265"),
+    for environ, mode in [
+        ({"RAY_AUTH_TOKEN_PATH": str(token)}, "token"),
+        ({"RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_MODE": "disabled"}, "disabled"),
+        ({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}, None),
     ]:
         lines: list[str] = []
         assert jobs.submit(job, dry_run=True, log=lines.append, environ=environ) == 0
-        assert lines[0].startswith(shown)
+        assert json.loads(lines[0])["auth"] == mode and "secret" not in lines[0]
+        assert jobs.auth_headers(environ) == ({"Authorization": "Bearer secret"} if mode == "token" else {})
 
 
 # ---------------------------------------------------------------- addresses with nothing behind them
@@ -122,68 +123,25 @@ def test_an_unreachable_tracking_server_stops_the_sweep_before_any_trial(tmp_pat
 # ---------------------------------------------------------------- raymix submit
 
 
-def _dry_run(capsys, *argv: str) -> list[str]:
+def _dry_run(capsys, *argv: str) -> dict:
     assert main(["submit", "--address", "head:8265", "--dry-run", *argv]) == 0
-    return shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    return json.loads(capsys.readouterr().out)
 
 
-def test_submit_builds_the_ray_job_command(tmp_path, capsys):
-    command = _dry_run(
+def test_submit_builds_the_job_request(tmp_path, capsys):
+    request = _dry_run(
         capsys, "--storage", "s3://bucket/raymix", "--tracking-uri", "http://mlflow:5000", "--env", "A=b=c",
         "--", "tune", QUICKSTART, "training.epochs=4", "--name", "q",
     )  # fmt: skip
-    if command[0].startswith("RAY_AUTH_MODE="):
-        command = command[1:]
-    assert command[:8] == [
-        "ray",
-        "job",
-        "submit",
-        "--address",
-        "http://head:8265",
-        "--working-dir",
-        ".",
-        "--runtime-env-json",
-    ]
-    runtime_env = json.loads(command[8])
+    assert request["address"] == "http://head:8265"
+    assert request["entrypoint"] == f"raymix tune {QUICKSTART} training.epochs=4 --name q"
+    runtime_env = request["runtime_env"]
     assert runtime_env["env_vars"] == {  # --env values are masked in what is printed
         "A": "***", "MLFLOW_TRACKING_URI": "http://mlflow:5000", cluster.STORAGE_ENV: "s3://bucket/raymix"
     }  # fmt: skip
+    assert runtime_env["working_dir"] == "."
     assert "/.venv" in runtime_env["excludes"] and "/data" in runtime_env["excludes"]
-    assert command[9:] == ["--", "raymix", "tune", QUICKSTART, "training.epochs=4", "--name", "q"]
-
-
-def test_submit_prints_no_secret_and_passes_them_off_the_command_line(tmp_path, monkeypatch, capfd):
-    """--env values and a password in the tracking URI are masked in everything raymix prints
-    (its command line and the job's output); the job still gets them, from a private file."""
-    seen = tmp_path / "seen.txt"
-    script = tmp_path / "ray"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$@" > {seen}\n'
-        'while [ "$1" != "--runtime-env" ]; do shift; done\n'
-        f'cat "$2" >> {seen}; echo >> {seen}; stat -c %a "$2" >> {seen}\n'
-        "echo 'job log: token=hunter2secret uri=http://bob:pa55word@mlflow:5000'\n"
-    )
-    script.chmod(0o755)
-    monkeypatch.setattr(jobs, "ray_executable", lambda: str(script))
-    monkeypatch.setattr(jobs, "check_job_server", lambda address, env: None)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:pa55word@mlflow:5000")
-    argv = [
-        "submit", "--address", "head:8265", "--storage", "/shared/sweeps", "--env", "TOKEN=hunter2secret",
-        "--env", "HF_TOKEN", "--", "tune", QUICKSTART, "training.epochs=4",
-    ]  # fmt: skip
-    assert main(argv) == 0
-    out = capfd.readouterr().out
-    for secret in ("hunter2secret", "pa55word"):
-        assert secret not in out
-    assert "http://bob:***@mlflow:5000" in out and "token=***" in out
-    assert '"TOKEN":"***"' in out and '"HF_TOKEN":"${HF_TOKEN}"' in out
-    # What ray job submit received: no value on its command line, every value in the file.
-    args, env_json, mode = seen.read_text().splitlines()
-    assert "hunter2secret" not in args and "pa55word" not in args and "--runtime-env-json" not in args
-    env_vars = json.loads(env_json)["env_vars"]
-    assert env_vars["TOKEN"] == "hunter2secret" and env_vars["HF_TOKEN"] == "${HF_TOKEN}"
-    assert env_vars["MLFLOW_TRACKING_URI"] == "http://bob:pa55word@mlflow:5000" and mode == "600"
+    assert request["submission_id"].startswith("raymix-tune-")
 
 
 @pytest.mark.parametrize("item, shown", [("1X=y", "'1X'"), ("A-B=y", "'A-B'"), ("=y", "''")])
@@ -194,51 +152,19 @@ def test_submit_refuses_a_bad_env_name(capsys, item, shown):
     assert f"--env {shown}: expected KEY=VALUE" in err
 
 
-def _fake_ray(tmp_path, refusals: int, then: int) -> Path:
-    """A ``ray`` that answers as Ray does while the head's job agent is not ready, ``refusals``
-    times, then exits ``then``; each call is counted in calls.txt."""
-    script = tmp_path / "ray"
-    script.write_text(
-        "#!/bin/sh\n"
-        f"echo call >> {tmp_path}/calls.txt\n"
-        f"if [ $(wc -l < {tmp_path}/calls.txt) -le {refusals} ]; then\n"
-        "  echo 'RuntimeError: Request failed with status code 500: No available agent to submit job, "
-        "please try again later..' >&2; exit 1\n"
-        "fi\n"
-        f"echo 'Job finished'; exit {then}\n"
-    )
-    script.chmod(0o755)
-    return script
-
-
-@pytest.mark.parametrize(
-    "refusals, then, calls, code", [(2, 0, 3, 0), (0, 1, 1, 1), (1, 1, 2, 1), (9, 0, 3, 1)]
-)
-def test_submit_asks_again_while_the_job_agent_is_not_ready(
-    tmp_path, monkeypatch, capfd, refusals, then, calls, code
-):
-    """Refused jobs (never created) are submitted again, up to AGENT_WAIT_S; a job that ran and
-    failed is not."""
-    monkeypatch.setattr(jobs, "ray_executable", lambda: str(_fake_ray(tmp_path, refusals, then)))
-    monkeypatch.setattr(jobs, "check_job_server", lambda address, env: None)
-    clock = iter(range(0, 1000, 30))  # each look at the clock: 30 s later
-    monkeypatch.setattr(jobs.time, "monotonic", lambda: float(next(clock)))
-    monkeypatch.setattr(jobs.time, "sleep", lambda seconds: None)
-    lines: list[str] = []
-    job = jobs.Job(address="http://head:8265", entrypoint=["tune", QUICKSTART])
-    assert jobs.submit(job, log=lines.append, environ={}) == code
-    assert len((tmp_path / "calls.txt").read_text().splitlines()) == calls
-    assert sum("not ready yet" in line for line in lines) == calls - 1
-    out = capfd.readouterr().out
-    assert out.count("No available agent") == min(refusals, calls)  # Ray's words passed through
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--", "tune", QUICKSTART, "tracking.enabled=false"], "pass --storage"),
         (["--storage", "rel/dir", "--", "tune", QUICKSTART, "tracking.enabled=false"], "must be absolute"),
-        (["--storage", "/abs", "--", "tune", QUICKSTART], "need a tracking server"),
+        (
+            ["--storage", "/abs", "--", "tune", QUICKSTART],
+            "the sweep's MLflow records need a tracking server",
+        ),
+        (
+            ["--storage", "/abs", "--", "train", "launch/experiments/digits.yaml"],
+            "the run's MLflow records need a tracking server",
+        ),
         (["--storage", "/abs", "--", "tune", "search_spaces/nope.yaml"], "does not exist"),
         (["--storage", "/abs", "--", "tune", QUICKSTART, "optim.lrr=1"], "optim.lrr"),
         (["--storage", "/abs", "--", "eval", "x.pt"], "expected -- tune SPACE"),

@@ -1,9 +1,10 @@
-"""A sweep submitted with ``ray job submit`` to a real Ray head, recorded by a real MLflow
-server and seen in the MLflow UI in headless Chromium: all started here, on loopback."""
+"""A sweep submitted with ``raymix submit`` (Ray's job SDK) to a real Ray head, recorded by a
+real MLflow server and seen in the MLflow UI in headless Chromium: all started here, on loopback."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -41,8 +42,15 @@ def submitted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
 def test_job_succeeds_and_mlflow_has_the_parent_and_its_trials(submitted: dict[str, Any]) -> None:
     done = submitted["done"]
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "ray job submit --address http://127.0.0.1:" in done.stdout  # the command is shown
-    assert "succeeded" in done.stdout + done.stderr
+    # The job's id and dashboard link, its logs followed, then its final status.
+    found = re.search(
+        r"^job (raymix-tune-[0-9a-f]+) submitted to (http://127\.0\.0\.1:\d+)$", done.stdout, re.M
+    )
+    assert found, done.stdout[-4000:]
+    job_id, address = found.groups()
+    assert f"dashboard: {address}/#/jobs/{job_id}" in done.stdout
+    assert "best: trial" in done.stdout  # the sweep's own last line, from the followed logs
+    assert done.stdout.rstrip().endswith(f"job {job_id} succeeded")
     assert (Path(submitted["sweep"]) / "best_config.yaml").is_file()  # results in --storage
 
     client = MlflowClient(submitted["tracking"])

@@ -115,9 +115,10 @@ def test_sweep_with_a_failing_trial_records_every_trial(local_ray, tracking, tmp
         row = next(r for r in board.rows if r.trial_id == trial)
         assert [m.step for m in history] == list(range(1, row.epochs + 1))
         assert math.isclose(history[-1].value, row.last, rel_tol=1e-6)
-        for kind in ("best", "last"):
-            files = {a.path for a in client.list_artifacts(run.info.run_id, f"checkpoints/{kind}")}
-            assert f"checkpoints/{kind}/state.pt" in files
+        # tracking.log_checkpoints=best (the default): the best checkpoint only, not the last too
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best"}
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
+        assert "checkpoints/best/state.pt" in files
 
     # raymix best: the leaderboard, and the winner's config as a file raymix train accepts.
     folder = tmp_path / "sweeps" / "space"
@@ -168,8 +169,8 @@ def test_multi_worker_trials_run_ray_train(local_ray, tracking, tmp_path):
     client, _, children = mlflow_runs(tracking)
     for run in children:
         assert run.info.status == "FINISHED"
-        files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")}
-        assert "checkpoints/last/state.pt" in files
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
+        assert "checkpoints/best/state.pt" in files
 
 
 def test_the_shipped_cross_method_space_trains_each_method(local_ray, tracking, tmp_path):
