@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/ruff format --check raymix tests benchmarks
 	$(BIN)/mypy raymix
 
-# The CPU benchmarks (about 95 minutes on 2 cores, 40 minutes of it search_efficiency); each writes benchmarks/results/*.json.
+# The CPU benchmarks (about 130 minutes on 2 cores: 40 of them search_efficiency, 35 method_gains); each writes benchmarks/results/*.json.
 bench: install
 	$(BIN)/python benchmarks/method_step.py
 	$(BIN)/python benchmarks/step_cost.py
@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/ray_startup.py
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/search_efficiency.py
+	$(BIN)/python benchmarks/method_gains.py
 
 clean:
 	rm -rf runs sweeps mlflow.db mlartifacts .pytest_cache .mypy_cache .ruff_cache

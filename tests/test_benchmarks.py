@@ -188,3 +188,27 @@ def test_search_efficiency_grid_cost_and_censoring(monkeypatch):
     assert summary["fast"]["ratio_to_random"] == 5.0 and summary["fast"]["fraction_reached"] == 0.667
     assert summary["never"]["median_trial_epochs_to_target"] is None
     assert summary["never"]["ratio_to_random"] == 0.0 and summary["never"]["random_seeds_paired"] == 2
+
+
+def test_method_gains_pairs_seeds_and_every_arm_config_loads():
+    """The gains study's statistics (paired by seed, t interval) and that every arm's
+    overrides make a valid config (no training)."""
+    spec = importlib.util.spec_from_file_location("method_gains", ROOT / "benchmarks" / "method_gains.py")
+    mg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mg)
+    for arm, overrides in mg.ARMS.items():
+        load_config(mg.DIGITS, overrides)  # raises on a bad key
+        assert any(arm in pair for pair in mg.PAIRS), arm
+    runs = [{"arm": "moco-v3", "seed": s, "knn_top1": v} for s, v in enumerate([0.90, 0.92, 0.91])]
+    runs += [{"arm": "patchmix", "seed": s, "knn_top1": v} for s, v in enumerate([0.93, 0.93, 0.95])]
+    runs.append({"arm": "patchmix", "seed": 7, "knn_top1": 0.1})  # no partner seed: not paired
+    summary = mg.summarise(runs)
+    (pair,) = summary["pairs"]
+    assert (pair["method"], pair["base"], pair["seeds"], pair["wins"]) == ("patchmix", "moco-v3", 3, 3)
+    diffs = [0.03, 0.01, 0.04]
+    mean = sum(diffs) / 3
+    se = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5 / 3**0.5
+    assert pair["diff"] == pytest.approx(mean, abs=1e-4)
+    half = 4.302653 * se  # t(0.975, 2)
+    assert pair["ci95"] == pytest.approx([mean - half, mean + half], abs=1e-4)
+    assert summary["arms"]["patchmix"]["n"] == 4
